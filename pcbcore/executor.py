@@ -1,0 +1,329 @@
+"""The streaming executor: walks the checkpoints block by block and applies a merge method.
+
+Memory is bounded by one block of rows per model (`BLOCK_ELEMENTS` entries each, in float32) plus the
+method's temporaries, whatever the model's size. A method's statistics are computed over its scope
+(`pcbcore.stats`): for `scope: tensor`, each tensor's blocks are walked once per stage (a tensor that
+fits in one block is read once and kept); for `scope: model`, every stage is one pass over all merged
+tensors, then a final pass computes the components and writes them.
+
+Public entry points:
+- `merge_to_folder(config, out_dir)`: the CLI merge (components combined with the config's λ, block by
+  block, written as sharded safetensors).
+- `compute_components(config, out_dir)`: the components C_i of eq. (1) stored once (float32), so that
+  `combine_components(dir, lambdas)` builds any candidate in memory cheaply (the CMA-ES search).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import yaml
+
+from pcbcore.checkpoint import CheckpointReader, ShardedWriter, TensorInfo, atomic_output, copy_side_files
+from pcbcore.config import MergeConfig
+from pcbcore.device import resolve_device
+from pcbcore.errors import MergeInputError
+from pcbcore.methods import combine, lambdas_of
+from pcbcore.stats import Block, Stats, combine_partial
+
+log = logging.getLogger(__name__)
+
+# Entries per model in one block. Part of DARE's mask definition (masks are drawn per block), so fixed.
+BLOCK_ELEMENTS = 1 << 24
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class MergeInputs:
+    """Opened checkpoints and the tensor plan: which tensors merge, which are copied from the base."""
+
+    base: CheckpointReader
+    models: list[CheckpointReader]
+    merged: list[TensorInfo]
+    passthrough: list[TensorInfo]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.merged)
+
+    def close(self) -> None:
+        for reader in (self.base, *self.models):
+            reader.close()
+
+
+def open_inputs(config: MergeConfig) -> MergeInputs:
+    """Open the base and every model and check, before any heavy work, that their tensors line up."""
+    allow = config.raw.allow_pickle
+    base = CheckpointReader(config.base_model, allow_pickle=allow)
+    models = [CheckpointReader(m, allow_pickle=allow) for m in config.models]
+    merged, passthrough = [], []
+    for info in base.tensors.values():
+        (merged if info.dtype.is_floating_point else passthrough).append(info)
+    for reader in models:
+        for info in merged:
+            other = reader.tensors.get(info.name)
+            if other is None:
+                raise MergeInputError(f"tensor '{info.name}' is in base model '{base.label}' but missing from model '{reader.label}'")
+            if other.shape != info.shape:
+                raise MergeInputError(
+                    f"tensor '{info.name}' has shape {list(info.shape)} in base model '{base.label}' but {list(other.shape)} in model '{reader.label}'"
+                )
+        extra = sorted(set(reader.tensors) - set(base.tensors))
+        if extra:
+            raise MergeInputError(f"tensor '{extra[0]}' is in model '{reader.label}' but not in base model '{base.label}'")
+    return MergeInputs(base, models, merged, passthrough)
+
+
+def blocks_of(info: TensorInfo) -> list[tuple[Block, tuple[int, int] | None]]:
+    """Split a tensor into blocks of whole rows holding at most BLOCK_ELEMENTS entries (at least one row)."""
+    if len(info.shape) == 0 or info.numel <= BLOCK_ELEMENTS:
+        return [(Block(info.name, 0), None)]
+    row = info.numel // info.shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(row, 1))
+    return [(Block(info.name, k), (start, min(start + step, info.shape[0]))) for k, start in enumerate(range(0, info.shape[0], step))]
+
+
+class BlockLoader:
+    """Reads one block of every input, as float32 on the device: the base (m,) and task vectors (n, m).
+
+    Keeps the last block, so a scope of one block is read once however many stages walk it. Checks that
+    every input block is finite the first time it is read.
+    """
+
+    def __init__(self, inputs: MergeInputs, device: torch.device):
+        self.inputs, self.device = inputs, device
+        self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._checked: set[tuple] = set()
+        self.bytes_read = 0
+
+    def _read(self, reader: CheckpointReader, name: str, rows) -> torch.Tensor:
+        raw = reader.read(name, rows)
+        self.bytes_read += raw.numel() * raw.element_size()
+        block = raw.to(self.device, non_blocking=True).to(torch.float32).reshape(-1)
+        key = (reader.label, name, rows)
+        if key not in self._checked:
+            if not torch.isfinite(block).all():
+                raise MergeInputError(f"tensor '{name}' of model '{reader.label}' contains NaN or Inf values")
+            self._checked.add(key)
+        return block
+
+    def load(self, block: Block, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (block.name, rows)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        base = self._read(self.inputs.base, block.name, rows)
+        task_vectors = torch.empty((len(self.inputs.models), base.numel()), dtype=torch.float32, device=self.device)
+        for i, reader in enumerate(self.inputs.models):
+            torch.sub(self._read(reader, block.name, rows), base, out=task_vectors[i])
+        self._last = (key, (base, task_vectors))
+        return base, task_vectors
+
+
+def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoader, progress: Progress | None = None) -> Stats:
+    """Run the method's stages over `scope`, one pass per stage, and return the finished statistics."""
+    stages = config.method.stages(config.params, list(config.model_params))
+    numel = sum(t.numel for t in scope)
+    stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
+    for k, stage in enumerate(stages):
+        totals: Stats = {}
+        for done, info in enumerate(scope, 1):
+            for block, rows in blocks_of(info):
+                _, task_vectors = loader.load(block, rows)
+                for key, (op, fn) in stage.reductions.items():
+                    totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
+            if progress and len(scope) > 1:
+                progress(f"pass {k + 1}/{len(stages) + 1}", done, len(scope))
+        stats.update(totals)
+        if stage.finish is not None:
+            stage.finish(stats)
+    return stats
+
+
+def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor, torch.Tensor]]:
+    """Yield (tensor, rows, base block (m,), components (n, m)) for every block of every merged tensor."""
+    inputs = loader.inputs
+    method, params, model_params = config.method, config.params, list(config.model_params)
+    model_scope = method.scope(params) == "model"
+    stats = compute_stats(config, inputs.merged, loader, progress) if model_scope else None
+    for k, info in enumerate(inputs.merged):
+        tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
+        for block, rows in blocks_of(info):
+            base, task_vectors = loader.load(block, rows)
+            yield info, rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
+        if progress:
+            progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
+
+
+def _passes(config: MergeConfig) -> int:
+    return len(config.method.stages(config.params, list(config.model_params))) + 1
+
+
+def _block_shape(info: TensorInfo, rows) -> tuple[int, ...]:
+    return info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+
+
+@dataclass
+class MergeReport:
+    out_dir: str
+    method: str
+    tensors_merged: int
+    tensors_copied: int
+    parameters_merged: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    device: str
+    passes: int
+    extra: dict = field(default_factory=dict)
+
+
+def merge_to_folder(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Progress | None = None,
+    config_text: str | None = None,
+) -> MergeReport:
+    """Merge as the config says and write a Hugging Face model folder atomically at `out_dir`."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    inputs = open_inputs(config)
+    try:
+        with atomic_output(out_dir, overwrite=overwrite) as tmp:
+            plan = [(t.name, config.out_dtype or t.dtype, t.shape) for t in inputs.merged]
+            plan += [(t.name, t.dtype, t.shape) for t in inputs.passthrough]
+            writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"merged_by": "pcbmerge", "merge_method": config.method_name})
+            lambdas = lambdas_of(list(config.model_params))
+            loader = BlockLoader(inputs, dev)
+            for info, rows, base, components in stream_components(config, loader, progress):
+                writer.write(info.name, combine(base, components, lambdas).reshape(_block_shape(info, rows)))
+            for info in inputs.passthrough:
+                writer.write(info.name, inputs.base.read(info.name))
+            writer.close()
+            tokenizer_dir = Path(config.tokenizer_source)
+            copy_side_files(Path(config.base_model), tmp, config.out_dtype)
+            if tokenizer_dir != Path(config.base_model):
+                copy_side_files(tokenizer_dir, tmp, None, tokenizer_only=True)
+            (tmp / "pcbmerge_config.yml").write_text(config_text or yaml.safe_dump(config.describe(), sort_keys=False))
+            (tmp / "README.md").write_text(model_card(config))
+    finally:
+        inputs.close()
+    return MergeReport(
+        out_dir=str(out_dir.resolve()),
+        method=config.method_name,
+        tensors_merged=len(inputs.merged),
+        tensors_copied=len(inputs.passthrough),
+        parameters_merged=inputs.numel,
+        bytes_read=loader.bytes_read,
+        bytes_written=writer.total_bytes,
+        seconds=time.perf_counter() - start,
+        device=str(dev),
+        passes=_passes(config) if config.method.scope(config.params) == "model" else 1,
+    )
+
+
+def model_card(config: MergeConfig) -> str:
+    """A Hugging Face model card saying which models, method and parameters produced the merge."""
+    desc = config.describe()
+    lines = [
+        "---",
+        yaml.safe_dump({"base_model": config.base_model, "tags": ["merge", "pcbmerge", config.method_name], "library_name": "transformers"}, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# Merged model ({config.method_name})",
+        "",
+        f"Produced by [pcbmerge](https://github.com/) with merge method `{config.method_name}` from base model `{config.base_model}`.",
+        "",
+        "## Models merged",
+        "",
+        "| model | parameters |",
+        "|---|---|",
+        *[f"| `{m['model']}` | `{json.dumps(m['parameters'])}` |" for m in desc["models"]],
+        "",
+        "## Method parameters",
+        "",
+        "```yaml",
+        yaml.safe_dump(desc["parameters"], sort_keys=False).strip(),
+        "```",
+        "",
+        "The full configuration is in `pcbmerge_config.yml`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- stored components (for the search)
+
+COMPONENTS_MANIFEST = "components.json"
+
+
+def compute_components(config: MergeConfig, out_dir: str | Path, *, device: str = "auto", overwrite: bool = False, progress: Progress | None = None) -> Path:
+    """Store C_i (float32) for every merged tensor: one safetensors file per model, plus a manifest."""
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    inputs = open_inputs(config)
+    try:
+        with atomic_output(out_dir, overwrite=overwrite) as tmp:
+            plan = [(t.name, torch.float32, t.shape) for t in inputs.merged]
+            writers = []
+            for i in range(len(config.models)):
+                (tmp / f"model-{i}").mkdir()
+                writers.append(ShardedWriter(tmp / f"model-{i}", plan))
+            for info, rows, _, components in stream_components(config, BlockLoader(inputs, dev), progress):
+                for i, writer in enumerate(writers):
+                    writer.write(info.name, components[i].reshape(_block_shape(info, rows)))
+            for writer in writers:
+                writer.close()
+            manifest = {
+                "base_model": str(Path(config.base_model).resolve()),
+                "models": [str(Path(m).resolve()) for m in config.models],
+                "config": config.describe(),
+                "out_dtypes": {t.name: str(config.out_dtype or t.dtype).removeprefix("torch.") for t in inputs.merged},
+                "passthrough": [t.name for t in inputs.passthrough],
+            }
+            (tmp / COMPONENTS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        inputs.close()
+    return out_dir
+
+
+class StoredComponents:
+    """Components loaded once (onto a device) and combined for any λ: the search's candidate builder."""
+
+    def __init__(self, folder: str | Path, device: str = "auto"):
+        self.folder = Path(folder)
+        manifest = json.loads((self.folder / COMPONENTS_MANIFEST).read_text())
+        self.device = resolve_device(device)
+        self.base_dir = Path(manifest["base_model"])
+        self.n_models = len(manifest["models"])
+        base = CheckpointReader(self.base_dir)
+        readers = [CheckpointReader(self.folder / f"model-{i}") for i in range(self.n_models)]
+        self.out_dtypes = {k: getattr(torch, v) for k, v in manifest["out_dtypes"].items()}
+        self.base = {name: base.read(name).to(self.device, torch.float32) for name in self.out_dtypes}
+        self.passthrough = {name: base.read(name) for name in manifest["passthrough"]}
+        # (n, *shape) per tensor
+        self.components = {name: torch.stack([r.read(name).to(self.device) for r in readers]) for name in self.out_dtypes}
+
+    def state_dict(self, lambdas, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """θ_pre + Σ λ_i C_i for every tensor (each in its output dtype unless `dtype` is given)."""
+        lambdas = torch.as_tensor(lambdas, dtype=torch.float32)
+        if lambdas.numel() != self.n_models:
+            raise MergeInputError(f"{lambdas.numel()} coefficients given for {self.n_models} models")
+        out = {}
+        for name, comps in self.components.items():
+            merged = combine(self.base[name].reshape(-1), comps.reshape(self.n_models, -1), lambdas).reshape(comps.shape[1:])
+            out[name] = merged.to(dtype or self.out_dtypes[name])
+        out.update(self.passthrough)
+        return out

@@ -1,0 +1,81 @@
+"""What every merge method is: parameter models, statistics stages and a components function.
+
+Every method is written in the components form of SPEC eq. (1):
+
+    θ_m = θ_pre + Σ_i λ_i · C_i
+
+`components(task_vectors, stats, params, model_params, block)` returns C for one block of the scope
+(task vectors flattened to (n, m)); the coefficients λ_i never enter it. `combine` applies a λ vector.
+The CLI merge computes components and combines them block by block; the CMA-ES search stores the
+components once and combines them for every candidate λ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pcbcore.stats import Block, Stage, Stats
+
+Scope = Literal["tensor", "model"]
+# A kept fraction (density, PCB's ratio r): 0 < x ≤ 1.
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class FrozenModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ModelParams(FrozenModel):
+    """Per-model keys shared by all methods. `lambda` is the model's coefficient λ_i in eq. (1)."""
+
+    lambda_: float = Field(1.0, alias="lambda", description="coefficient λ_i of this model's component")
+
+
+class WeightedModelParams(ModelParams):
+    weight: float = Field(1.0, description="mergekit's per-model weight w_i")
+
+
+class SparseModelParams(WeightedModelParams):
+    density: Fraction = Field(1.0, description="fraction of the task vector's entries kept")
+
+
+ComponentsFn = Callable[[torch.Tensor, Stats, FrozenModel, list, Block], torch.Tensor]
+StagesFn = Callable[[FrozenModel, list], list[Stage]]
+
+
+def no_stages(params: FrozenModel, model_params: list) -> list[Stage]:
+    return []
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    params: type[FrozenModel]  # keys of the config's top-level `parameters`
+    model_params: type[ModelParams]  # keys of each model's `parameters` (top-level values are their defaults)
+    components: ComponentsFn
+    stages: StagesFn = no_stages
+    # linear averages the base too when the config lists it among the models (as mergekit does);
+    # task-vector methods drop it, its task vector being zero.
+    base_may_be_a_model: bool = False
+
+    def scope(self, params: FrozenModel) -> Scope:
+        return getattr(params, "scope", "tensor")
+
+
+def lambdas_of(model_params: list[ModelParams]) -> torch.Tensor:
+    return torch.tensor([m.lambda_ for m in model_params], dtype=torch.float32)
+
+
+def combine(base: torch.Tensor, components: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """θ_pre + Σ_i λ_i C_i for one block. base: (m,), components: (n, m), lambdas: (n,) → (m,) float32."""
+    lambdas = lambdas.to(device=components.device, dtype=components.dtype)
+    return base.to(components.dtype) + lambdas @ components
+
+
+def per_model(model_params: list, key: str, like: torch.Tensor) -> torch.Tensor:
+    """A per-model value as a column (n, 1) on `like`'s device and dtype, to broadcast over entries."""
+    return torch.tensor([getattr(m, key) for m in model_params], dtype=like.dtype, device=like.device).unsqueeze(-1)

@@ -1,0 +1,35 @@
+"""Weighted averaging: uniform model soups, FedAvg (weights = sample counts), checkpoint averaging.
+
+θ_m = Σ_i w_i θ_i / Σ_i w_i (Wortsman et al. 2022; McMahan et al. 2017). Written as eq. (1) with
+C_i = w_i τ_i / Σ_j w_j and λ_i = 1, which is exact because the weights sum to one after normalising:
+θ_pre + Σ_i w_i (θ_i − θ_pre) / Σ w = Σ_i w_i θ_i / Σ w. mergekit's `linear` with `normalize: false`
+(a plain weighted sum Σ w_i θ_i) is not of this form and is refused at config load.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from pcbcore.methods.base import Block, FrozenModel, MergeMethod, WeightedModelParams, per_model
+
+
+class LinearParams(FrozenModel):
+    normalize: bool = Field(True, description="divide by the sum of weights (must stay true)")
+
+    @model_validator(mode="after")
+    def _only_normalized(self) -> "LinearParams":
+        if not self.normalize:
+            raise ValueError("linear merging needs normalize: true (an unnormalised weighted sum of models is not supported)")
+        return self
+
+
+def linear_components(task_vectors: torch.Tensor, stats, params: LinearParams, model_params: list, block: Block) -> torch.Tensor:
+    weights = per_model(model_params, "weight", task_vectors)  # (n, 1)
+    total = weights.sum()
+    if total == 0:
+        raise ValueError("linear merging needs weights whose sum is not zero")
+    return task_vectors * (weights / total)
+
+
+METHOD = MergeMethod("linear", LinearParams, WeightedModelParams, linear_components, base_may_be_a_model=True)

@@ -1,0 +1,89 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+1. Trim: keep each task vector's ⌊density·D⌋ entries of largest magnitude over the scope (the paper trims
+   over the whole model: `scope: model`; mergekit trims each tensor: `scope: tensor`, the default here as
+   there). The cut is the value of ascending rank D − k of |τ_i|, found by exact radix select; entries
+   tied with it are all kept (so bf16 inputs, full of ties, keep the same entries on every device).
+2. Elect: the sign of Σ_i w_i·trimmed τ_i per entry. Where that sum is exactly zero the paper's code
+   takes the sign of the sum of all elected signs over the scope (its "majority" rule) — one more pass.
+   mergekit takes +1 there; the two differ only at exact cancellations.
+3. Disjoint merge: average only the entries whose sign agrees with the elected one, dividing by the
+   (weighted) count of agreeing non-zero entries when `normalize` (the default, as in mergekit).
+
+Components: C_i = w_i·trimmed τ_i·[agrees] / Σ_j w_j·[agrees_j].
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from pcbcore.methods.base import FrozenModel, MergeMethod, Scope, SparseModelParams, per_model
+from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages
+
+
+class TiesParams(FrozenModel):
+    normalize: bool = Field(True, description="divide by the weighted count of agreeing entries")
+    scope: Scope = Field("tensor", description="trim over each tensor (mergekit) or the whole model (TIES paper)")
+
+
+def topk_threshold_stages(model_params: list) -> list[Stage]:
+    """Stages leaving `stats['trim']`: per task, the smallest |τ_i| kept by top-k at each model's density."""
+
+    def ranks(stats: Stats) -> torch.Tensor:
+        numel = int(stats["numel"])
+        kept = torch.tensor([int(m.density * numel) for m in model_params], dtype=torch.int64)
+        stats["keep_none"] = kept == 0
+        return (numel - kept).clamp(0, max(numel - 1, 0))
+
+    return kth_smallest_stages("trim", lambda task_vectors, stats, block: task_vectors.abs(), ranks)
+
+
+def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
+    keep = task_vectors.abs() >= stats["trim"].to(task_vectors.device).unsqueeze(-1)
+    keep &= ~stats["keep_none"].to(task_vectors.device).unsqueeze(-1)
+    return torch.where(keep, task_vectors, torch.zeros_like(task_vectors))
+
+
+def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
+    """A stage leaving `stats['majority']`: the sign of the sum of all elected signs over the scope."""
+
+    def count(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
+        return torch.sign(weighted_sparse(task_vectors, stats, block).sum(dim=0)).sum(dtype=torch.float64)
+
+    def finish(stats: Stats) -> None:
+        stats["majority"] = torch.where(stats.pop("sign_total") < 0, -1.0, 1.0)
+
+    return Stage({"sign_total": ("sum", count)}, finish)
+
+
+def elect_sign(weighted: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+    """Per entry, the sign of the sum over tasks; the scope's majority sign where that sum is 0."""
+    elected = torch.sign(weighted.sum(dim=0))
+    return torch.where(elected == 0, majority.to(weighted.device, weighted.dtype), elected)
+
+
+def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """w_i·sparse τ_i kept where its sign agrees with the elected one, over the weighted agreeing count."""
+    agree = (torch.sign(weighted) == elect_sign(weighted, majority).unsqueeze(0)) & (weighted != 0)
+    components = torch.where(agree, weighted, torch.zeros_like(weighted))
+    if normalize:
+        divisor = (weights * agree).sum(dim=0)
+        components = components / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return components
+
+
+def ties_stages(params: TiesParams, model_params: list) -> list[Stage]:
+    def weighted_trim(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
+        return trim_topk(task_vectors, stats) * per_model(model_params, "weight", task_vectors)
+
+    return [*topk_threshold_stages(model_params), sign_majority_stage(weighted_trim)]
+
+
+def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams, model_params: list, block: Block) -> torch.Tensor:
+    weights = per_model(model_params, "weight", task_vectors)
+    weighted = trim_topk(task_vectors, stats) * weights
+    return disjoint_components(weighted, weights, stats["majority"], params.normalize)
+
+
+METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages)

@@ -1,0 +1,53 @@
+"""`pcbmerge` command line.
+
+Each subcommand lives in its own module under `pcbmerge/commands/` and exposes `register(subparsers)`,
+which adds its parser and sets `func` to a handler `(args) -> int`. Bad input (`MergeInputError`) is printed
+as one sentence on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pcbcore.errors import MergeInputError
+
+# One line per subcommand module, in the order `--help` lists them.
+COMMANDS = [
+    "pcbmerge.commands.merge",
+    "pcbmerge.commands.eval",
+    "pcbmerge.commands.zoo",
+    "pcbmerge.commands.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcbmerge", description="Merge fine-tuned checkpoints of one base model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pcbmerge.settings import quiet_defaults
+
+    quiet_defaults()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MergeInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

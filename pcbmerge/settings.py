@@ -1,0 +1,47 @@
+"""Environment settings, read in one place and passed down.
+
+| variable | default | meaning |
+|---|---|---|
+| `PCBMERGE_HOME` | `./.pcbmerge` | working folder: MLflow store, caches, Prefect home |
+| `PCBMERGE_CACHE_DIR` | `$PCBMERGE_HOME/cache` | evaluation results, fingerprints, components |
+| `MLFLOW_TRACKING_URI` | `sqlite:///$PCBMERGE_HOME/mlflow.db` | MLflow tracking store |
+| `PCBMERGE_DEVICE` | `auto` | `auto`, `cpu`, `cuda`, `cuda:N` |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    cache_dir: Path
+    tracking_uri: str
+    device: str
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.home / "mlartifacts"
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    home = Path(env.get("PCBMERGE_HOME", ".pcbmerge")).expanduser().resolve()
+    cache_dir = Path(env.get("PCBMERGE_CACHE_DIR", home / "cache")).expanduser().resolve()
+    tracking_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    return Settings(home=home, cache_dir=cache_dir, tracking_uri=tracking_uri, device=env.get("PCBMERGE_DEVICE", "auto"))
+
+
+def quiet_defaults() -> None:
+    """Offline-friendly defaults for the tools we drive; explicit user settings win."""
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }.items():
+        os.environ.setdefault(key, value)

@@ -327,3 +327,44 @@ class StoredComponents:
             out[name] = merged.to(dtype or self.out_dtypes[name])
         out.update(self.passthrough)
         return out
+
+
+# ---------------------------------------------------------------- in memory
+
+
+class _MemoryReader:
+    """A `CheckpointReader` stand-in over a dict of tensors (for merging tensors already in memory)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], label: str):
+        self.label = label
+        self._tensors = tensors
+        self.tensors = {k: TensorInfo(k, v.dtype, tuple(v.shape), Path(label)) for k, v in tensors.items()}
+
+    def read(self, name: str, rows=None) -> torch.Tensor:
+        t = self._tensors[name]
+        return t if rows is None else t[rows[0] : rows[1]]
+
+    def close(self) -> None:
+        pass
+
+
+def merge_state_dicts(config: MergeConfig, base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], device: str = "auto") -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts exactly as `merge_to_folder` merges folders (same blocks, same maths).
+
+    `config.models` only labels the inputs here; `models` are the fine-tuned state dicts in that order.
+    """
+    if len(models) != len(config.models):
+        raise MergeInputError(f"{len(models)} state dicts given for {len(config.models)} models in the config")
+    readers = [_MemoryReader(sd, label) for sd, label in zip(models, config.models)]
+    base_reader = _MemoryReader(base, config.base_model)
+    inputs = MergeInputs(base_reader, readers, [], [])
+    for info in base_reader.tensors.values():
+        (inputs.merged if info.dtype.is_floating_point else inputs.passthrough).append(info)
+    lambdas = lambdas_of(list(config.model_params))
+    out: dict[str, list[torch.Tensor]] = {}
+    for info, rows, base_block, components in stream_components(config, BlockLoader(inputs, resolve_device(device))):
+        merged = combine(base_block, components, lambdas).reshape(_block_shape(info, rows))
+        out.setdefault(info.name, []).append(merged.to(config.out_dtype or info.dtype))
+    result = {name: torch.cat(blocks) if len(blocks) > 1 else blocks[0] for name, blocks in out.items()}
+    result.update({info.name: base[info.name] for info in inputs.passthrough})
+    return result

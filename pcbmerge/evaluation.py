@@ -167,8 +167,8 @@ def load_model(model_dir: str | Path) -> tuple[Any, Any]:
     if not folder.is_dir():
         raise MergeInputError(f"model folder {folder} does not exist or is not a folder.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         raise MergeInputError(f"transformers cannot load the model folder {folder}: {reason}") from exc

@@ -37,3 +37,11 @@ def tiny_zoo(tmp_path_factory):
     from pcbmerge.tinymodels import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory.mktemp("tinyzoo"))
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """The micro model zoo (trained base, four experts, lm-eval tasks), built once per session (~20 s)."""
+    from pcbmerge.zoo import build_zoo, load_zoo
+
+    return load_zoo(build_zoo(tmp_path_factory.mktemp("microzoo") / "zoo", size="micro", seed=0))

@@ -43,28 +43,39 @@ class ProgressLine:
     def __init__(self):
         self.start = time.perf_counter()
         self.last = 0.0
+        self.open = False  # a line without its newline is on screen
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         now = time.perf_counter()
         if done == total or now - self.last > 0.5:
             self.last = now
-            end = "\n" if done == total else ""
-            print(f"\r{phase}: {done}/{total} tensors, {now - self.start:.1f}s", end=end, file=sys.stderr, flush=True)
+            self.open = done != total
+            print(f"\r{phase}: {done}/{total} tensors, {now - self.start:.1f}s", end="" if self.open else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_merge_config(args.config)
     check_output_target(args.out_dir.resolve(), args.overwrite)
     config = config.with_paths(local_resolver(args.config))
-    report = merge_to_folder(
-        config,
-        args.out_dir,
-        device=args.device,
-        overwrite=args.overwrite,
-        max_shard_bytes=args.max_shard_size,
-        progress=None if args.json else ProgressLine(),
-        config_text=args.config.read_text(),
-    )
+    progress = None if args.json else ProgressLine()
+    try:
+        report = merge_to_folder(
+            config,
+            args.out_dir,
+            device=args.device,
+            overwrite=args.overwrite,
+            max_shard_bytes=args.max_shard_size,
+            progress=progress,
+            config_text=args.config.read_text(),
+        )
+    finally:
+        if progress:
+            progress.close()
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
     else:

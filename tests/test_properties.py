@@ -1,0 +1,96 @@
+"""Properties of the merge maths (STYLE.md): λ = 0 gives the base, one model at full density gives that
+model, model order does not matter, DARE with p = 0 is task arithmetic, streaming equals one block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pcbcore.executor as executor
+from pcbcore.config import parse_merge_config
+from pcbcore.executor import merge_state_dicts
+
+DETERMINISTIC = [
+    ("linear", {}),
+    ("task_arithmetic", {}),
+    ("ties", {"density": 0.4}),
+    ("ties", {"density": 0.4, "scope": "model"}),
+    ("pcb", {"ratio": 0.3}),
+    ("pcb", {"ratio": 0.3, "scope": "tensor"}),
+    ("pcb", {"ratio": 0.3, "variant": "release", "clip_quantile": 0.05}),
+]
+ALL = DETERMINISTIC + [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.5})]
+
+PROPERTY = settings(max_examples=15, deadline=None)
+
+
+def random_models(seed: int, n: int, shapes=((3, 5), (7,), (2, 2, 3))):
+    gen = torch.Generator().manual_seed(seed)
+    base = {f"t{k}": torch.randn(s, generator=gen) for k, s in enumerate(shapes)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+def run(method, params, base, models, per_model=None):
+    entries = [{"model": f"m{i}", "parameters": (per_model[i] if per_model else {})} for i in range(len(models))]
+    config = parse_merge_config({"merge_method": method, "base_model": "base", "models": entries, "parameters": params})
+    return merge_state_dicts(config, base, models, device="cpu")
+
+
+@pytest.mark.parametrize("method,params", [m for m in ALL if m[0] != "linear"], ids=str)
+@PROPERTY
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4))
+def test_lambda_zero_gives_the_base(method, params, seed, n):
+    base, models = random_models(seed, n)
+    out = run(method, params, base, models, per_model=[{"lambda": 0.0}] * n)
+    for name in base:
+        assert torch.equal(out[name], base[name])
+
+
+@pytest.mark.parametrize("method,params", [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare_linear", {}), ("dare_ties", {}), ("pcb", {"ratio": 1.0})], ids=str)
+@PROPERTY
+@given(seed=st.integers(0, 10_000))
+def test_one_model_at_full_density_gives_that_model(method, params, seed):
+    base, models = random_models(seed, 1)
+    out = run(method, params, base, models)
+    for name in base:
+        assert torch.allclose(out[name], models[0][name], atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", DETERMINISTIC, ids=str)
+@PROPERTY
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 4), data=st.data())
+def test_model_order_does_not_matter(method, params, seed, n, data):
+    base, models = random_models(seed, n)
+    lambdas = [{"lambda": 0.5 + 0.25 * i} for i in range(n)]
+    order = data.draw(st.permutations(range(n)))
+    a = run(method, params, base, models, lambdas)
+    b = run(method, params, base, [models[i] for i in order], [lambdas[i] for i in order])
+    for name in base:
+        assert torch.allclose(a[name], b[name], atol=1e-6)
+
+
+@PROPERTY
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4), lam=st.floats(0.0, 2.0))
+def test_dare_with_p_zero_equals_task_arithmetic(seed, n, lam):
+    base, models = random_models(seed, n)
+    a = run("dare_linear", {"density": 1.0, "lambda": lam}, base, models)
+    b = run("task_arithmetic", {"lambda": lam}, base, models)
+    for name in base:
+        assert torch.allclose(a[name], b[name])
+
+
+# DARE is left out: its masks are drawn per block, so the block size is part of their definition.
+@pytest.mark.parametrize("method,params", DETERMINISTIC, ids=str)
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_streamed_merge_equals_one_block(method, params, seed):
+    base, models = random_models(seed, 3, shapes=((17, 9), (31,), (4, 5, 6)))
+    whole = run(method, params, base, models)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(executor, "BLOCK_ELEMENTS", 10)
+        streamed = run(method, params, base, models)
+    for name in base:
+        assert torch.allclose(whole[name], streamed[name], atol=1e-6), name

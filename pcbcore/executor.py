@@ -132,17 +132,22 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
     stages = config.method.stages(config.params, list(config.model_params))
     numel = sum(t.numel for t in scope)
     stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
+    single = len(scope) == 1 and len(blocks_of(scope[0])) == 1
     for k, stage in enumerate(stages):
+        shortcut = single and stage.whole is not None
         totals: Stats = {}
         for done, info in enumerate(scope, 1):
             for block, rows in blocks_of(info):
                 _, task_vectors = loader.load(block, rows)
                 for key, (op, fn) in stage.reductions.items():
-                    totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
+                    if not (shortcut and key in stage.replaces):
+                        totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
             if progress and len(scope) > 1:
                 progress(f"pass {k + 1}/{len(stages) + 1}", done, len(scope))
         stats.update(totals)
-        if stage.finish is not None:
+        if shortcut:
+            stage.whole(task_vectors, stats, block)
+        elif stage.finish is not None:
             stage.finish(stats)
     return stats
 

@@ -46,6 +46,11 @@ class Stage:
 
     reductions: dict[str, tuple[str, ReduceFn]] = field(default_factory=dict)  # key -> (op, fn); op in sum|min|max
     finish: Callable[[Stats], None] | None = None
+    # Optional shortcut for a scope that is a single block: computes the same statistics from it directly
+    # (e.g. `torch.kthvalue` instead of two histogram passes), in place of `finish` and of the reductions
+    # named in `replaces`; the stage's other reductions still run.
+    whole: Callable[[torch.Tensor, Stats, Block], None] | None = None
+    replaces: frozenset[str] = frozenset()
 
 
 def combine_partial(op: str, acc: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
@@ -116,11 +121,12 @@ def _locate(counts: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, to
     return bucket, ranks - before
 
 
-def kth_smallest_stages(prefix: str, values: ReduceFn, ranks: Callable[[Stats], torch.Tensor]) -> list[Stage]:
+def kth_smallest_stages(prefix: str, values: ReduceFn, ranks: Callable[[Stats], torch.Tensor], then: Callable[[Stats], None] | None = None) -> list[Stage]:
     """Two stages that leave in `stats[prefix]` the per-row value of ascending 0-based rank `ranks(stats)`.
 
     `values(task_vectors, stats, block)` gives the (rows, m) float values whose order statistic is wanted; `ranks`
-    gives an int64 tensor (rows,) of ranks and is read after the previous stages have finished.
+    gives an int64 tensor (rows,) of ranks and is read after the previous stages have finished. `then`
+    runs once the value is known.
     """
     hi_key, lo_key, bucket_key, rest_key = f"{prefix}/hi", f"{prefix}/lo", f"{prefix}/bucket", f"{prefix}/rest"
 
@@ -141,6 +147,21 @@ def kth_smallest_stages(prefix: str, values: ReduceFn, ranks: Callable[[Stats], 
         counts = stats.pop(lo_key)
         low, _ = _locate(counts, stats.pop(rest_key))
         stats[prefix] = keys_to_values((stats.pop(bucket_key) << 16) | low)
+        if then is not None:
+            then(stats)
 
-    return [Stage({hi_key: ("sum", count_high)}, after_high), Stage({lo_key: ("sum", count_low)}, after_low)]
+    def select_directly(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
+        x = values(task_vectors, stats, block).to(torch.float32)
+        wanted = ranks(stats).tolist()
+        stats[prefix] = torch.stack([torch.kthvalue(x[i], int(k) + 1).values for i, k in enumerate(wanted)])
+        if then is not None:
+            then(stats)
+
+    def nothing_left(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
+        pass
+
+    return [
+        Stage({hi_key: ("sum", count_high)}, after_high, whole=select_directly, replaces=frozenset({hi_key})),
+        Stage({lo_key: ("sum", count_low)}, after_low, whole=nothing_left, replaces=frozenset({lo_key})),
+    ]
 

@@ -134,19 +134,10 @@ def _release_stages(params: PcbParams, model_params: list) -> list[Stage]:
     def scores(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
         return release_scores(task_vectors, stats)
 
-    clip_stages = kth_smallest_stages("clip", lambda task_vectors, stats, block: task_vectors.abs().repeat(2, 1), clip_ranks)
-    clip_stages[-1] = Stage(clip_stages[-1].reductions, _chain(clip_stages[-1].finish, split_clip))
+    clip_stages = kth_smallest_stages("clip", lambda task_vectors, stats, block: task_vectors.abs().repeat(2, 1), clip_ranks, then=split_clip)
     drop_stages = kth_smallest_stages("drop", scores, _drop_rank(params))
     drop_stages[0].reductions["score_max"] = ("max", lambda task_vectors, stats, block: row_max(scores(task_vectors, stats, block)))
     return [*clip_stages, *drop_stages]
-
-
-def _chain(*fns):
-    def run(stats: Stats) -> None:
-        for fn in fns:
-            fn(stats)
-
-    return run
 
 
 def _release_components(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:

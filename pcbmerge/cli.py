@@ -20,6 +20,8 @@ COMMANDS = [
     "pcbmerge.commands.eval",
     "pcbmerge.commands.zoo",
     "pcbmerge.commands.demo",
+    "pcbmerge.commands.run",
+    "pcbmerge.commands.lineage",
 ]
 
 

@@ -19,7 +19,7 @@ from pcbmerge.zoo.training import ModelShape, TrainSettings
 # A few optimiser steps on a very small model: enough to exercise every build step twice in seconds.
 NANO = SizePreset(
     shape=ModelShape(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-    task_spec=TaskSpec(letters="abcdefgh", min_len=3, max_len=4, n_words=10, n_polar_words=4),
+    task_spec=TaskSpec(letters="abcdefgh", min_len=3, max_len=4, n_words=10, max_words=3, n_polar_words=4),
     split_sizes={"test": 8, "validation": 8, "train": 32},
     pretrain=TrainSettings(steps=6, batch_size=4, learning_rate=1e-3, warmup_steps=2),
     finetune=TrainSettings(steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=2),

@@ -29,6 +29,12 @@ class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+class MergekitMemoryOption(FrozenModel):
+    """mergekit's `int8_mask` only saves memory in its sign masks; accepted so its files run unchanged."""
+
+    int8_mask: bool = Field(False, description="accepted for mergekit compatibility; no effect on the result")
+
+
 class ModelParams(FrozenModel):
     """Per-model keys shared by all methods. `lambda` is the model's coefficient λ_i in eq. (1)."""
 

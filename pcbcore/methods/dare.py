@@ -18,13 +18,13 @@ import hashlib
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import FrozenModel, MergeMethod, SparseModelParams, per_model
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, per_model
 from pcbcore.methods.task_arithmetic import weighted_sum_components
 from pcbcore.methods.ties import disjoint_components, sign_majority_stage
 from pcbcore.stats import Block, Stage, Stats
 
 
-class DareParams(FrozenModel):
+class DareParams(MergekitMemoryOption):
     normalize: bool = Field(False, description="divide by the (agreeing) sum of weights")
     rescale: bool = Field(True, description="rescale survivors by 1/density")
     seed: int = Field(0, description="seed of the drop masks")

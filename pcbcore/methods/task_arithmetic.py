@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import Block, FrozenModel, MergeMethod, WeightedModelParams, per_model
+from pcbcore.methods.base import Block, MergekitMemoryOption, MergeMethod, WeightedModelParams, per_model
 
 
-class TaskArithmeticParams(FrozenModel):
+class TaskArithmeticParams(MergekitMemoryOption):
     normalize: bool = Field(False, description="divide by the sum of weights")
 
 

@@ -16,15 +16,22 @@ Components: C_i = w_i·trimmed τ_i·[agrees] / Σ_j w_j·[agrees_j].
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pcbcore.methods.base import FrozenModel, MergeMethod, Scope, SparseModelParams, per_model
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, per_model
 from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages
 
 
-class TiesParams(FrozenModel):
+class TiesParams(MergekitMemoryOption):
     normalize: bool = Field(True, description="divide by the weighted count of agreeing entries")
     scope: Scope = Field("tensor", description="trim over each tensor (mergekit) or the whole model (TIES paper)")
+    rescale: bool = Field(False, description="mergekit's norm rescaling after the trim; only false is supported")
+
+    @model_validator(mode="after")
+    def _no_rescale(self) -> "TiesParams":
+        if self.rescale:
+            raise ValueError("ties with rescale: true is not supported (the TIES paper does not rescale)")
+        return self
 
 
 def topk_threshold_stages(model_params: list) -> list[Stage]:

@@ -55,7 +55,7 @@ PRESETS: dict[str, SizePreset] = {
     # micro: for tests; builds in well under a minute on one CPU thread
     "micro": SizePreset(
         shape=ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        task_spec=TaskSpec(letters="abcdefgh", min_len=3, max_len=4, n_words=10, n_polar_words=4),
+        task_spec=TaskSpec(letters="abcdefgh", min_len=3, max_len=4, n_words=10, max_words=3, n_polar_words=4),
         split_sizes={"test": 32, "validation": 32, "train": 800},
         pretrain=TrainSettings(steps=300, batch_size=32, learning_rate=3e-3),
         finetune=TrainSettings(steps=150, batch_size=32, learning_rate=2e-3),
@@ -63,7 +63,7 @@ PRESETS: dict[str, SizePreset] = {
     # demo: the headline table; a few minutes on two CPU cores
     "demo": SizePreset(
         shape=ModelShape(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
-        task_spec=TaskSpec(letters="abcdefghij", min_len=3, max_len=5, n_words=12, n_polar_words=6),
+        task_spec=TaskSpec(letters="abcdefghij", min_len=3, max_len=5, n_words=12, max_words=4, n_polar_words=6),
         split_sizes={"test": 100, "validation": 100, "train": 3000},
         pretrain=TrainSettings(steps=800, batch_size=32, learning_rate=2e-3),
         finetune=TrainSettings(steps=400, batch_size=32, learning_rate=1e-3),

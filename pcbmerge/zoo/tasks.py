@@ -42,6 +42,7 @@ class TaskSpec(BaseModel):
     min_len: int
     max_len: int
     n_words: int
+    max_words: int
     n_polar_words: int
 
 
@@ -108,7 +109,7 @@ class TaskSet:
 
     def _sample_translate(self, rng: random.Random) -> Example:
         source = sorted(self.dictionary)
-        words = [rng.choice(source) for _ in range(rng.randint(2, 3))]
+        words = [rng.choice(source) for _ in range(rng.randint(2, self.spec.max_words))]
         right = [self.dictionary[w] for w in words]
         options = {" ".join(right)}
         targets = sorted(self.dictionary.values())

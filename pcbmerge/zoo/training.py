@@ -139,8 +139,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         recent = (recent + [loss.item()])[-20:]
-        if (step + 1) % 100 == 0:
-            log.debug("%s step %d/%d loss %.4f", label, step + 1, settings.steps, recent[-1])
+        if (step + 1) % max(1, settings.steps // 4) == 0:
+            log.info("%s: step %d/%d, loss %.4f", label, step + 1, settings.steps, sum(recent) / len(recent))
     model.eval()
     final = sum(recent) / len(recent)
     log.info("trained %s: %d steps, final loss %.4f", label, settings.steps, final)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from pcbcore.errors import MergeInputError
 
@@ -72,6 +71,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # absolute position of the tensor's first byte in `file` (safetensors)
 
     @property
     def numel(self) -> int:
@@ -89,7 +89,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_safetensors_header(path: Path) -> dict:
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse and check a safetensors header: the JSON must be whole and every tensor's bytes present.
 
     safetensors itself checks this too when opening, but with messages that do not name the file; and a
@@ -123,7 +123,7 @@ def read_safetensors_header(path: Path) -> dict:
         raise MergeInputError(
             f"safetensors file '{path}' is truncated: its header needs {8 + header_len + end} bytes but the file has {size}"
         )
-    return header
+    return header, 8 + header_len
 
 
 class CheckpointReader:
@@ -138,16 +138,19 @@ class CheckpointReader:
         self.label = label or str(folder)
         if not self.folder.is_dir():
             raise MergeInputError(f"model folder '{self.folder}' does not exist or is not a folder")
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, int] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorInfo] = {}
         files = self._weight_files(allow_pickle)
         if self._pickled is None:
             for file in files:
-                header = read_safetensors_header(file)
+                header, data_start = read_safetensors_header(file)
                 for name, entry in header.items():
                     if name != "__metadata__":
-                        self.tensors[name] = TensorInfo(name, DTYPES[entry["dtype"]], tuple(entry["shape"]), file)
+                        info = TensorInfo(name, DTYPES[entry["dtype"]], tuple(entry["shape"]), file, data_start + int(entry["data_offsets"][0]))
+                        if info.nbytes != int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]):
+                            raise MergeInputError(f"safetensors file '{file}' is corrupt: tensor '{name}' has {list(info.shape)} {entry['dtype']} entries but a different byte range")
+                        self.tensors[name] = info
         if not self.tensors:
             raise MergeInputError(f"model folder '{self.folder}' has weight files but no tensors in them")
 
@@ -196,23 +199,41 @@ class CheckpointReader:
                     self.tensors[name] = TensorInfo(name, value.dtype, tuple(value.shape), file)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name` (on CPU, its stored dtype), or only its rows `[start, stop)` along dim 0."""
+        """The tensor `name` (on CPU, its stored dtype), or only its rows `[start, stop)` along dim 0.
+
+        Reads the bytes with positioned reads into a fresh buffer rather than through a memory map:
+        pages of a mapped file stay counted in the process's resident memory while the map lives, which
+        would make a merge's footprint grow with the model instead of with one block.
+        """
         info = self.tensors[name]
         if self._pickled is not None:
             t = self._pickled[name]
             return t[rows[0] : rows[1]] if rows else t
-        handle = self._handles.get(info.file)
-        try:
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-            if rows is None or len(info.shape) == 0:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows[0] : rows[1]]
-        except SafetensorError as exc:
-            raise MergeInputError(f"safetensors file '{info.file}' cannot be read at tensor '{name}': {exc}") from None
+        shape, start = info.shape, info.offset
+        if rows is not None and len(shape) > 0:
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            start += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        buf = torch.empty(_numel(shape) * _itemsize(info.dtype), dtype=torch.uint8)
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        view, done = memoryview(buf.numpy()), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got == 0:
+                raise MergeInputError(f"safetensors file '{info.file}' is truncated at tensor '{name}'")
+            done += got
+        return buf.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        handles = getattr(self, "_handles", {})  # absent when __init__ refused the folder
+        for fd in handles.values():
+            os.close(fd)
+        handles.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class ShardedWriter:

@@ -11,6 +11,7 @@ complete (`atomic_output`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -347,6 +348,11 @@ def atomic_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise MergeInputError(f"cannot write output folder '{target}': {os.strerror(exc.errno).lower()} (nothing was left behind)") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -173,3 +173,21 @@ def test_cuda_refused_without_cuda(zoo, capsys):
         pytest.skip("this machine has CUDA")
     tmp, base, models = zoo
     refuse(capsys, tmp, write_config(tmp, base, models), "CUDA is not available", extra_args=("--device", "cuda"))
+
+
+def test_a_full_disk_leaves_nothing_behind(zoo):
+    """A file-size limit makes writes fail as a full disk does; the merge says so and cleans up."""
+    import subprocess
+    import sys
+
+    tmp, base, models = zoo
+    config = write_config(tmp, base, models)
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "from pcbmerge.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, "merge", str(config), str(tmp / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write output folder '{tmp / 'out'}'")
+    assert not (tmp / "out").exists() and not list(tmp.glob(".out.tmp-*"))

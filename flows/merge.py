@@ -1,0 +1,109 @@
+"""`merge_flow`: fetch → validate → merge → evaluate → track and register, as Prefect tasks.
+
+Run it with `pcbmerge run CONFIG.yml`, or as a deployment (the `PipelineConfig` parameter renders as a
+form in the Prefect UI). Without a Prefect server it runs in Prefect's ephemeral local mode; MLflow
+tracking goes where `pcbmerge.settings` says (`sqlite:///$PCBMERGE_HOME/mlflow.db` by default).
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+from prefect import flow, get_run_logger, unmapped
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from pcbmerge.evaluation import EvalResult
+from pcbmerge.pipeline_config import PipelineConfig
+from pcbmerge.settings import load_settings
+from tasks.evaluate import evaluate_checkpoint
+from tasks.fetch import FetchedCheckpoint, fetch_checkpoint
+from tasks.merge import MergedCheckpoint, merge_checkpoint
+from tasks.track import finish_tracking, lineage_node, log_lineage, register_model, start_tracking, track_results
+from tasks.validate import validate_checkpoints
+
+
+class MergeOutcome(BaseModel):
+    """What a merge run produced: the folder, its fingerprint, scores per model label, where it is tracked."""
+
+    folder: str
+    fingerprint: str
+    reused: bool
+    run_id: str
+    model_uri: str | None
+    scores: dict[str, dict[str, float]]
+
+
+@flow(name="merge-flow", persist_result=True)
+def merge_flow(config: PipelineConfig) -> MergeOutcome:
+    """Merge the checkpoints `config` names, score the merge, record it in MLflow and register it."""
+    logger = get_run_logger()
+    settings = load_settings()
+    cache_dir, device = str(settings.cache_dir), config.device if config.device != "auto" else settings.device
+    merge = config.merge_config()
+    run_id = start_tracking(config.experiment, config.name or config.register_as or merge.method_name, _params(config), _prefect_tags())
+    status = "FAILED"
+    try:
+        fetched = fetch_checkpoint.map(config.references(), cache_dir=unmapped(cache_dir)).result()
+        inputs = {checkpoint.ref: checkpoint for checkpoint in fetched}
+        checked = validate_checkpoints(config, inputs)
+        logger.info("inputs agree: %d tensors (%s parameters) to merge", checked.tensors_merged, f"{checked.parameters_merged:,}")
+
+        merged = merge_checkpoint(config, inputs, cache_dir, device)
+
+        scores: dict[str, EvalResult] = {}
+        if config.evaluation is not None:
+            for label, checkpoint in _to_evaluate(config, inputs, merged):
+                scores[label] = evaluate_checkpoint(label, checkpoint.folder, checkpoint.fingerprint, config.evaluation, cache_dir, device)
+                logger.info("%s: %s", label, ", ".join(f"{t} {s.value:.3f}" for t, s in scores[label].scores.items()))
+        table = {label: {task: s.value for task, s in result.scores.items()} for label, result in scores.items()}
+
+        track_results(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), table, {"pcbmerge.method": merge.method_name})
+        lineage = lineage_node(config, inputs, merged, run_id, flow_run.get_id())
+        registered = register_model(run_id, config.experiment, merged.folder, config.register_as, lineage) if config.register_as else None
+        if registered is None:
+            log_lineage(run_id, lineage)
+        status = "FINISHED"
+    finally:
+        finish_tracking(run_id, status)
+    return MergeOutcome(
+        folder=merged.folder,
+        fingerprint=merged.fingerprint,
+        reused=merged.reused,
+        run_id=run_id,
+        model_uri=registered["uri"] if registered else None,
+        scores=table,
+    )
+
+
+def _to_evaluate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], merged: MergedCheckpoint):
+    """(label, checkpoint) pairs: the base and each model when baselines are asked, then the merge."""
+    merge = config.merge_config()
+    pairs = []
+    if config.evaluation.baselines:
+        pairs.append(("base", inputs[merge.base_model]))
+        labels = {"base", "merged"}
+        for ref in merge.models:
+            label = inputs[ref].label
+            while label in labels:
+                label += "_"
+            labels.add(label)
+            pairs.append((label, inputs[ref]))
+    pairs.append(("merged", merged))
+    return pairs
+
+
+def _params(config: PipelineConfig) -> dict:
+    """The effective merge config (every parameter with its default), the evaluation block, the target."""
+    data = config.merge_config().describe()
+    data["evaluation"] = config.evaluation.model_dump() if config.evaluation else None
+    data["register_as"] = config.register_as
+    return data
+
+
+def _prefect_tags() -> dict[str, str]:
+    tags = {"prefect.flow_run_id": flow_run.get_id() or "", "prefect.flow_run_name": flow_run.get_name() or "", "prefect.flow_name": "merge-flow"}
+    if os.environ.get("PREFECT_API_URL"):  # a real server: the run has a page worth linking
+        tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
+    return tags

@@ -1,0 +1,150 @@
+"""The pipeline's config: a mergekit-style merge YAML plus `evaluation:`, `register_as:` and a few run keys.
+
+    merge_method: pcb
+    base_model: path/or/org/name@rev        # a folder, a Hub id, or models:/NAME/VERSION | models:/NAME@alias
+    models:
+      - model: models:/my-merge/2
+      - model: org/expert-b
+    parameters: {ratio: 0.1}
+    evaluation:
+      tasks: [zoo_reverse, zoo_sort]
+      include_path: path/to/tasks           # folder of lm-eval task YAMLs (optional)
+      split: test                           # validation | test
+      limit: 50                             # examples per task (optional)
+      baselines: true                       # also score the base and every input model
+    register_as: my-merge                   # MLflow registered model name (optional)
+    output: merged/my-merge                 # output folder (optional; default: a content-keyed cache folder)
+
+`PipelineConfig` is the parameter model of `merge_flow`, so the Prefect UI renders it as a form and
+deployment values are validated. The merge keys are checked by `pcbcore.config.parse_merge_config`, so a
+typo anywhere is one sentence naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pcbcore.config import MergeConfig, ModelEntry, parse_merge_config
+from pcbcore.errors import MergeInputError
+
+MERGE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "allow_pickle", "name")
+
+
+class EvaluationConfig(BaseModel):
+    """Which lm-eval tasks score the merged model (and, with `baselines`, the base and every input)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names")
+    include_path: str | None = Field(default=None, description="folder of extra lm-eval task YAMLs")
+    split: Literal["validation", "test"] = "test"
+    limit: int | None = Field(default=None, gt=0, description="at most this many examples per task")
+    baselines: bool = Field(default=False, description="also evaluate the base and every input model")
+    batch_size: int = Field(default=16, gt=0)
+
+
+class PipelineConfig(BaseModel):
+    """One merge run: what to merge and how (mergekit keys), how to score it, where to register it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    allow_pickle: bool = False
+    name: str | None = None
+
+    evaluation: EvaluationConfig | None = None
+    register_as: str | None = Field(default=None, description="MLflow registered model name")
+    experiment: str = Field(default="pcbmerge", description="MLflow experiment name")
+    output: str | None = Field(default=None, description="output folder (default: content-keyed cache folder)")
+    overwrite: bool = Field(default=False, description="replace an existing output folder made by another merge")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("register_as")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "/" in value or "@" in value):
+            raise ValueError("must be a non-empty name without '/' or '@'")
+        return value
+
+    def merge_data(self) -> dict[str, Any]:
+        """The mergekit part of the config, as a plain mapping (for `parse_merge_config` and artifacts)."""
+        data = self.model_dump(include=set(MERGE_KEYS), exclude_none=True, exclude_defaults=False)
+        data["models"] = [m.model_dump() for m in self.models]
+        return data
+
+    def merge_config(self, source: str = "config") -> MergeConfig:
+        """The validated merge (references as given, not yet fetched)."""
+        return parse_merge_config(self.merge_data(), source=source)
+
+    def references(self) -> list[str]:
+        """Every checkpoint reference to fetch, base first, each once (a tokenizer source too)."""
+        config = self.merge_config()
+        refs = [config.base_model, *config.models, config.tokenizer_source]
+        return list(dict.fromkeys(refs))
+
+
+def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
+    """Validate a mapping into a `PipelineConfig`; errors name `source` and the key at fault."""
+    if not isinstance(data, dict):
+        raise MergeInputError(f"{source}: a pipeline config must be a YAML mapping with 'merge_method', 'base_model' and 'models'")
+    merge_part = {k: v for k, v in data.items() if k in MERGE_KEYS}
+    parse_merge_config(merge_part, source=source)  # the merge keys' own, precise messages first
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err.get("loc", ()))
+        if err.get("type") == "extra_forbidden":
+            allowed = sorted(PipelineConfig.model_fields) if "." not in key else sorted(EvaluationConfig.model_fields)
+            raise MergeInputError(f"{source}: unknown key '{key}'; allowed keys are {allowed}") from None
+        if err.get("type") == "missing":
+            raise MergeInputError(f"{source}: key '{key}' is required") from None
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        raise MergeInputError(f"{source}: key '{key}': {err.get('msg', 'is invalid').removeprefix('Value error, ')}{shown}") from None
+    return config
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML; relative local model paths resolve against the YAML's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeInputError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MergeInputError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data = _anchor_local_paths(data, path.parent.resolve())
+    return parse_pipeline_config(data, source=str(path))
+
+
+def _anchor_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Relative references that name an existing folder beside the config become absolute paths."""
+
+    def anchor(ref: Any) -> Any:
+        if not isinstance(ref, str) or ref.startswith("models:/") or Path(ref).expanduser().is_absolute():
+            return ref
+        beside = root / ref
+        return str(beside) if beside.exists() and not Path(ref).exists() else ref
+
+    data = dict(data)
+    for key in ("base_model", "tokenizer_source"):
+        if key in data:
+            data[key] = anchor(data[key])
+    if isinstance(data.get("models"), list):
+        data["models"] = [{**m, "model": anchor(m.get("model"))} if isinstance(m, dict) else m for m in data["models"]]
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("include_path"), str):
+        data["evaluation"] = {**evaluation, "include_path": anchor(evaluation["include_path"])}
+    return data

@@ -52,15 +52,16 @@ class SizePreset(BaseModel):
 
 
 PRESETS: dict[str, SizePreset] = {
-    # micro: for tests; builds in well under a minute on one CPU thread
+    # micro: for tests; ~15 s of training on one CPU thread (seed 0, test split: base 0.00/0.00/0.16/0.47,
+    # experts on their own task 0.75/1.00/0.75/1.00)
     "micro": SizePreset(
         shape=ModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
         task_spec=TaskSpec(letters="abcdefgh", min_len=3, max_len=4, n_words=10, max_words=3, n_polar_words=4),
         split_sizes={"test": 32, "validation": 32, "train": 800},
-        pretrain=TrainSettings(steps=300, batch_size=32, learning_rate=3e-3),
-        finetune=TrainSettings(steps=150, batch_size=32, learning_rate=2e-3),
+        pretrain=TrainSettings(steps=200, batch_size=32, learning_rate=3e-3),
+        finetune=TrainSettings(steps=100, batch_size=32, learning_rate=2e-3),
     ),
-    # demo: the headline table; a few minutes on two CPU cores
+    # demo: the headline table; ~3.5 min of CPU (seed 0, test split: base 0.02/0.07/0.14/0.39, experts 1.00 each)
     "demo": SizePreset(
         shape=ModelShape(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
         task_spec=TaskSpec(letters="abcdefghij", min_len=3, max_len=5, n_words=12, max_words=4, n_polar_words=6),

@@ -1,62 +1,106 @@
 """`pcbmerge demo`: the README's main job.
 
-Builds a small zoo of tiny Llama checkpoints (a base and three fine-tunes) in a working folder, merges
-them with every method, and prints one table: time, and how far each merge moved from the base.
+Builds the demo zoo (a small base LM trained here and one expert per task) if it is missing, runs the
+merge pipeline (`merge_flow`: Prefect tasks, MLflow tracking, Model Registry) for task arithmetic, TIES
+and PCB-Merging (paper and release variants), evaluates base, experts and merges on the test splits,
+and prints one comparison table. Everything is in MLflow afterwards (`mlflow ui`, see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+import time
 from pathlib import Path
 
-import torch
-import yaml
-
-from pcbcore.checkpoint import CheckpointReader
-from pcbcore.config import parse_merge_config
-from pcbcore.executor import merge_to_folder
 from pcbmerge.settings import load_settings
 
-DEMO_METHODS = {
-    "linear": {},
-    "task_arithmetic": {"lambda": 1.0},
-    "ties": {"density": 0.2},
-    "dare_ties": {"density": 0.5},
-    "pcb (paper)": {"ratio": 0.1, "variant": "paper"},
-    "pcb (release)": {"ratio": 0.1, "variant": "release", "clip_quantile": 0.01},
-}
+# (label, merge_method, parameters). One global λ per method, the usual values from each paper for a
+# handful of tasks; a CMA-ES search over per-model λ on validation data is the search flow's job.
+DEMO_MERGES = [
+    ("task_arithmetic", "task_arithmetic", {"lambda": 0.4}),
+    ("ties", "ties", {"density": 0.2, "lambda": 1.0}),
+    ("pcb (paper)", "pcb", {"ratio": 0.1, "variant": "paper"}),
+    ("pcb (release)", "pcb", {"ratio": 0.1, "variant": "release", "clip_quantile": 0.01}),
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a tiny zoo and merge it with every method")
+    p = sub.add_parser("demo", help="build the demo zoo, merge it four ways through the pipeline, compare on test splits")
+    p.add_argument("--size", choices=["demo", "micro"], default="demo", help="zoo size (micro: a fast run, ~1 min)")
     p.add_argument("--workdir", type=Path, default=None, help="working folder (default: $PCBMERGE_HOME/demo)")
+    p.add_argument("--limit", type=int, default=None, help="at most N test examples per task (default: all)")
     p.set_defaults(func=run)
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from pcbmerge.tinymodels import build_tiny_zoo
+    from pcbmerge import report
+    from pcbmerge.commands.run import prepare_home, quiet_libraries
+    from pcbmerge.zoo import build_zoo, load_zoo
 
-    work = (args.workdir or load_settings().home / "demo").resolve()
-    zoo = work / "zoo"
-    if not (zoo / "base").is_dir():
-        print(f"building a tiny zoo in {zoo}")
-        build_tiny_zoo(zoo)
-    base, models = zoo / "base", sorted(p for p in zoo.iterdir() if p.name.startswith("ft"))
-    rows = []
-    for label, params in DEMO_METHODS.items():
-        method = label.split(" ")[0]
-        data = {"merge_method": method, "base_model": str(base), "models": [{"model": str(m)} for m in models], "parameters": params}
-        config = parse_merge_config(data, source=f"demo:{label}")
-        out = work / "merged" / label.replace(" ", "-").replace("(", "").replace(")", "")
-        report = merge_to_folder(config, out, overwrite=True, config_text=yaml.safe_dump(data, sort_keys=False))
-        rows.append((label, report.seconds, _distance(base, out)))
-    print(f"\n{'method':<16} {'seconds':>8} {'‖θ_m − θ_pre‖':>14}")
-    for label, seconds, dist in rows:
-        print(f"{label:<16} {seconds:>8.2f} {dist:>14.4f}")
-    print(f"\nmerged models are in {work / 'merged'}")
+    started = time.perf_counter()
+    quiet_libraries(args.verbose)
+    prepare_home()
+    if not args.verbose:  # our own progress lines instead of Prefect's per-task log
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("pcbmerge.evaluation").setLevel(logging.WARNING)
+    settings = load_settings()
+    work = (args.workdir or settings.home / "demo").expanduser().resolve()
+    zoo_dir = work / f"zoo-{args.size}"
+    if not (zoo_dir / "zoo.json").is_file():
+        _say(f"building the {args.size} zoo in {zoo_dir} (trains a base model and one expert per task; once)")
+        build_zoo(zoo_dir, size=args.size, seed=0, overwrite=zoo_dir.exists())
+    zoo = load_zoo(zoo_dir)
+    _say(f"zoo: base + {len(zoo.experts)} experts ({', '.join(zoo.tasks)}) in {zoo.root}")
+
+    from flows.merge import merge_flow
+    from pcbmerge.pipeline_config import parse_pipeline_config
+
+    table: dict[str, dict[str, float]] = {}
+    registered = []
+    for k, (label, method, params) in enumerate(DEMO_MERGES, 1):
+        _say(f"[{k}/{len(DEMO_MERGES)}] {label}: fetch → validate → merge → evaluate → track (elapsed {time.perf_counter() - started:.0f}s)")
+        slug = label.replace(" (", "-").replace(")", "").replace("_", "-")
+        config = parse_pipeline_config(
+            {
+                "merge_method": method,
+                "base_model": str(zoo.base),
+                "models": [{"model": str(zoo.experts[task])} for task in zoo.tasks],
+                "parameters": params,
+                "evaluation": {
+                    "tasks": zoo.tasks,
+                    "include_path": str(zoo.task_dir),
+                    "split": "test",
+                    "limit": args.limit,
+                    "baselines": True,
+                },
+                "register_as": f"demo-{args.size}-{slug}",
+                "experiment": "pcbmerge-demo",
+                "output": str(work / f"merged-{args.size}" / slug),
+                "overwrite": True,
+                "name": f"demo {label}",
+            },
+            source=f"demo:{label}",
+        )
+        outcome = merge_flow(config)
+        if not table:
+            table.update({name: row for name, row in outcome.scores.items() if name != "merged"})
+        table[f"merge: {label}"] = outcome.scores["merged"]
+        registered.append(outcome.model_uri)
+        mean = sum(outcome.scores["merged"].values()) / len(outcome.scores["merged"])
+        _say(f"      mean test score {mean:.3f}{' (merge reused from cache)' if outcome.reused else ''}")
+
+    print(f"\nTest-split scores ({'all' if args.limit is None else args.limit} examples per task; expert rows are named by their task):\n")
+    print(report.format_text(table))
+    print(f"\nfinished in {time.perf_counter() - started:.0f}s")
+    print(f"merged models: {work / f'merged-{args.size}'}")
+    print(f"registered: {', '.join(registered)}")
+    print(f"browse: .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}")
+    print(f"lineage: .venv/bin/pcbmerge lineage {registered[0]}")
     return 0
-
-
-def _distance(base: Path, merged: Path) -> float:
-    a, b = CheckpointReader(base), CheckpointReader(merged)
-    return sum(float((b.read(n).float() - a.read(n).float()).norm() ** 2) for n in a.tensors) ** 0.5

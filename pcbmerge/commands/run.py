@@ -21,7 +21,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     import logging
 
     for name in ("httpx", "lm_eval", "mlflow", "alembic", "datasets", "filelock", "urllib3"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def prepare_home() -> None:

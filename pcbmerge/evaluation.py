@@ -181,6 +181,8 @@ def load_model(model_dir: str | Path) -> tuple[Any, Any]:
 
 
 def _check_request(tasks: list[str], split: str, limit: int | None, num_fewshot: int | None, batch_size: int) -> list[str]:
+    if isinstance(tasks, str):  # "a,b" as on the command line, rather than iterating its characters
+        tasks = tasks.split(",")
     names = [task.strip() for task in tasks if task and task.strip()]
     if not names:
         raise MergeInputError("no task names given; pass at least one task, e.g. --tasks zoo_reverse.")

@@ -22,6 +22,7 @@ COMMANDS = [
     "pcbmerge.commands.demo",
     "pcbmerge.commands.run",
     "pcbmerge.commands.lineage",
+    "pcbmerge.commands.search",
     "pcbmerge.commands.up",
 ]
 

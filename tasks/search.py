@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from pcbcore.device import resolve_device
 from pcbcore.executor import StoredComponents
@@ -98,6 +98,8 @@ class RoundRecord(BaseModel):
 
 class SearchState(BaseModel):
     """What is saved after every round: enough to resume exactly where the search stopped."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
     key: str
     run_id: str
@@ -241,14 +243,18 @@ class _WorkerCache:
             return self.components[(folder, device)]
 
     def take_model(self, base_dir: str, tokenizer_dir: str, device: str) -> tuple[Any, Any]:
+        # Loading under the lock: transformers' and lm-eval's lazy imports are not safe from parallel
+        # threads (a race gives "cannot import name 'AutoModelForCausalLM'"), and one load at a time
+        # bounds peak memory.
         with self.lock:
             pool = self.free_models.setdefault((base_dir, tokenizer_dir, device), [])
             if pool:
                 return pool.pop()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+            from lm_eval.models.huggingface import HFLM  # noqa: F401  (imported once, here)
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False).to(device).eval()
-        return model, AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False).to(device).eval()
+            return model, AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
 
     def give_back(self, base_dir: str, tokenizer_dir: str, device: str, pair: tuple[Any, Any]) -> None:
         with self.lock:
@@ -323,24 +329,34 @@ def _fmt(lambdas: list[float]) -> str:
 # ---------------------------------------------------------------- saved state
 
 
-def _store():
-    from prefect.results import get_result_store
+def _storage():
+    """The flow's result storage (a Prefect filesystem block: local by default, S3/GCS/... if configured)."""
+    from prefect.results import get_default_result_storage, get_result_store
 
-    return get_result_store()
+    return get_result_store().result_storage or get_default_result_storage(_sync=True)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, task_run_name="save search state")
 def save_search_state(state: SearchState) -> None:
-    """Write the state into the flow's result storage under a key named by the search."""
-    _store().write(obj=state, key=STATE_PREFIX + state.key)
+    """Write the state (JSON, the CMA-ES pickle in base64) into the flow's result storage, keyed by the search."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    result = _storage().write_path(STATE_PREFIX + state.key, state.model_dump_json().encode())
+    if hasattr(result, "__await__"):
+        run_coro_as_sync(result)
 
 
 def load_search_state(key: str) -> SearchState | None:
-    """The state saved by the last finished round of the search `key`, or None."""
-    store = _store()
-    if not store.exists(STATE_PREFIX + key):
+    """The state saved by the last finished round of the search `key`, or None if there is none."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    try:
+        content = _storage().read_path(STATE_PREFIX + key)
+        if hasattr(content, "__await__"):
+            content = run_coro_as_sync(content)
+    except (ValueError, OSError):  # LocalFileSystem: ValueError "path does not exist"
         return None
-    return store.read(STATE_PREFIX + key).result
+    return SearchState.model_validate_json(content)
 
 
 def describe_round(record: RoundRecord, state: SearchState) -> str:

@@ -94,12 +94,12 @@ def ordered_keys(x: torch.Tensor) -> torch.Tensor:
     bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
     # Non-negative floats: bit patterns already ascend; shift them above the negatives.
     # Negative floats: larger magnitude has a larger pattern, so reverse them.
-    return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits + (1 << 31)))
+    return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
 
 
 def keys_to_values(keys: torch.Tensor) -> torch.Tensor:
     keys = keys.to(torch.int64)
-    bits = torch.where(keys >= (1 << 31), keys - (1 << 31), (1 << 31) - 1 - keys - (1 << 31))
+    bits = torch.where(keys >= (1 << 31), keys - (1 << 31), -1 - keys)
     return bits.to(torch.int32).view(torch.float32)
 
 

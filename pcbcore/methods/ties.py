@@ -47,13 +47,18 @@ def topk_threshold_stages(model_params: list) -> list[Stage]:
 
 
 def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    keep = task_vectors.abs() >= stats["trim"].to(task_vectors.device).unsqueeze(-1)
-    keep &= ~stats["keep_none"].to(task_vectors.device).unsqueeze(-1)
-    return torch.where(keep, task_vectors, torch.zeros_like(task_vectors))
+    """Zero every entry whose magnitude is under its task's cut (all of them where a task keeps none)."""
+    cut = stats["trim"].to(task_vectors.device).unsqueeze(-1)
+    cut = torch.where(stats["keep_none"].to(task_vectors.device).unsqueeze(-1), torch.inf, cut)
+    return task_vectors * (task_vectors.abs() >= cut)
 
 
 def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
-    """A stage leaving `stats['majority']`: the sign of the sum of all elected signs over the scope."""
+    """A stage leaving `stats['majority']`: the sign of the sum of all elected signs over the scope.
+
+    When the scope is a single block, the components step computes it from that block instead
+    (`majority` is None), which saves a whole pass over every tensor that fits in one block.
+    """
 
     def count(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
         return torch.sign(weighted_sparse(task_vectors, stats, block).sum(dim=0)).sum(dtype=torch.float64)
@@ -61,22 +66,29 @@ def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
     def finish(stats: Stats) -> None:
         stats["majority"] = torch.where(stats.pop("sign_total") < 0, -1.0, 1.0)
 
-    return Stage({"sign_total": ("sum", count)}, finish)
+    def from_the_block(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
+        stats["majority"] = None
+
+    return Stage({"sign_total": ("sum", count)}, finish, whole=from_the_block, replaces=frozenset({"sign_total"}))
 
 
-def elect_sign(weighted: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+def elect_sign(weighted: torch.Tensor, majority: torch.Tensor | None) -> torch.Tensor:
     """Per entry, the sign of the sum over tasks; the scope's majority sign where that sum is 0."""
     elected = torch.sign(weighted.sum(dim=0))
-    return torch.where(elected == 0, majority.to(weighted.device, weighted.dtype), elected)
+    if majority is None:  # this block is the whole scope
+        majority = torch.tensor(-1.0 if elected.sum(dtype=torch.float64) < 0 else 1.0)
+    elected[elected == 0] = majority.to(elected.device, elected.dtype)
+    return elected
 
 
-def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority: torch.Tensor, normalize: bool) -> torch.Tensor:
+def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority: torch.Tensor | None, normalize: bool) -> torch.Tensor:
     """w_i·sparse τ_i kept where its sign agrees with the elected one, over the weighted agreeing count."""
-    agree = (torch.sign(weighted) == elect_sign(weighted, majority).unsqueeze(0)) & (weighted != 0)
-    components = torch.where(agree, weighted, torch.zeros_like(weighted))
+    agree = (weighted * elect_sign(weighted, majority)) > 0  # same sign as elected, and non-zero
+    components = weighted * agree
     if normalize:
         divisor = (weights * agree).sum(dim=0)
-        components = components / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor[divisor == 0] = 1.0
+        components /= divisor
     return components
 
 

@@ -24,6 +24,7 @@ COMMANDS = [
     "pcbmerge.commands.lineage",
     "pcbmerge.commands.search",
     "pcbmerge.commands.up",
+    "pcbmerge.commands.watch",
 ]
 
 

@@ -394,3 +394,18 @@ def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
     mlflow_client = client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value[:MAX_TAG_CHARS])
+
+
+# ---------------------------------------------------------------- watching (flows/watch.py)
+
+
+def registered_versions(name: str) -> list[str]:
+    """Every version number of registered model `name`, oldest first (none when it does not exist)."""
+    versions = client().search_model_versions(f"name = '{name}'")
+    return [str(v) for v in sorted(int(version.version) for version in versions)]
+
+
+def last_merge_lineage(name: str) -> dict[str, Any] | None:
+    """The lineage of the newest version of `name` (what the last merge registered there used), or None."""
+    versions = registered_versions(name)
+    return read_lineage(f"models:/{name}/{versions[-1]}") if versions else None

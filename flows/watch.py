@@ -1,0 +1,99 @@
+"""`watch_flow`: merge again when the checkpoints in a source change, and only then.
+
+    discover the source's checkpoints → read what the last merge used (MLflow lineage of the newest version
+    of `register_as`) → same set? done : merge_flow (or search_flow) on the new set
+
+The last merge's inputs come from the registry, not from a side file, so a watch is idempotent however
+often it runs and wherever it runs: two runs on the same set make one merge. A failed merge registers
+nothing, so the next run tries again. Deploy it with an interval or cron schedule (`pcbmerge watch
+CONFIG.yml --source DIR --every 1h`, `pcbmerge serve`, or `infra/prefect.yaml`); the deployment allows one
+run at a time.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from pcbcore.config import ModelEntry
+from pcbcore.errors import MergeInputError
+from pcbmerge.pipeline_config import PipelineConfig
+from pcbmerge.search_config import SearchPipelineConfig
+from pcbmerge.settings import load_settings
+from pcbmerge.watch_config import WatchConfig
+from tasks.discover import DiscoveredCheckpoint, discover_checkpoints, same_checkpoint, source_kind
+from tasks.track import last_merge_lineage
+
+
+class WatchOutcome(BaseModel):
+    merged: bool
+    model: str | None = Field(description="models:/NAME/VERSION registered by this run, or None")
+    inputs: list[str] = Field(description="the source's checkpoints (refs) that the merge used or would use")
+    reason: str
+
+
+@flow(name="watch-flow", persist_result=True)
+def watch_flow(config: WatchConfig) -> WatchOutcome:
+    """List the source, compare with the last merge's lineage, merge only when the set changed."""
+    logger = get_run_logger()
+    pipeline = config.pipeline
+    name = pipeline.register_as
+    check_watch_config(config)
+
+    found = discover_checkpoints(config.source, str(load_settings().cache_dir))
+    if pipeline.base_model:
+        found = [c for c in found if c.ref != pipeline.base_model and not same_checkpoint(c.ref, pipeline.base_model)]
+    refs = [c.ref for c in found]
+    logger.info("%s holds %d checkpoint(s): %s", config.source, len(found), ", ".join(refs) or "none")
+    if len(found) < config.min_models:
+        return WatchOutcome(merged=False, model=None, inputs=refs, reason=f"{len(found)} checkpoint(s), fewer than min_models={config.min_models}")
+
+    last = last_merge_lineage(name)
+    if last is not None and merged_set(last) == {(c.ref, c.identity) for c in found} and _base_of(last) == pipeline.base_model:
+        logger.info("nothing new since %s; no merge", last["model"])
+        return WatchOutcome(merged=False, model=None, inputs=refs, reason=f"same checkpoints as {last['model']}")
+
+    logger.info("the set changed since %s; merging %d checkpoints", last["model"] if last else "the first merge", len(found))
+    merge_config = pipeline_for(pipeline, found)
+    if config.search is not None:
+        from flows.search import search_flow
+
+        search_config = SearchPipelineConfig(**{k: getattr(merge_config, k) for k in PipelineConfig.model_fields}, search=config.search)
+        model_uri = search_flow(search_config).model_uri
+    else:
+        from flows.merge import merge_flow
+
+        model_uri = merge_flow(merge_config).model_uri
+    return WatchOutcome(merged=True, model=model_uri, inputs=refs, reason="first merge" if last is None else f"changed since {last['model']}")
+
+
+def check_watch_config(config: WatchConfig) -> None:
+    """Bad input before any work: no registry name to compare with, or a source that is its own output."""
+    name = config.pipeline.register_as
+    if not name:
+        raise MergeInputError("a watch needs 'register_as' in the pipeline config: the last merge's inputs are read from that registered model")
+    source_kind(config.source)
+    if config.source.rstrip("/") == f"models:/{name}":
+        raise MergeInputError(f"watch source '{config.source}' is the model the watch registers into; it would merge its own output forever")
+
+
+def merged_set(lineage: dict) -> set[tuple[str, str]]:
+    """(ref, identity) of every merged (non-base) input of a lineage node; identity as in `DiscoveredCheckpoint`."""
+    return {(item["ref"], item.get("revision") or item["fingerprint"]) for item in lineage.get("inputs", []) if item.get("role") == "model"}
+
+
+def _base_of(lineage: dict) -> str | None:
+    return next((item["ref"] for item in lineage.get("inputs", []) if item.get("role") == "base"), None)
+
+
+def pipeline_for(pipeline: PipelineConfig, found: list[DiscoveredCheckpoint]) -> PipelineConfig:
+    """The pipeline config with `models` = the found checkpoints; per-model parameters kept where the config
+    lists the same ref (or a folder of the same name)."""
+    given = {entry.model: entry.parameters for entry in pipeline.models}
+    given_by_name = {entry.model.rstrip("/").rsplit("/", 1)[-1]: entry.parameters for entry in pipeline.models}
+
+    def params(ref: str) -> dict:
+        return given.get(ref) or given_by_name.get(ref.rstrip("/").rsplit("/", 1)[-1], {})
+
+    models = [ModelEntry(model=c.ref, parameters=params(c.ref)) for c in found]
+    return PipelineConfig.model_validate({**pipeline.model_dump(), "models": [m.model_dump() for m in models]})

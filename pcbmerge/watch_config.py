@@ -1,0 +1,59 @@
+"""`watch_flow`'s parameter model, and reading one from a pipeline YAML plus a source.
+
+The YAML is the pipeline's own (`pcbmerge run` or `pcbmerge search` format); its `models` list may be
+empty or absent, since the watched source supplies the checkpoints. Entries it does list keep their
+per-model `parameters` for the checkpoint with the same ref or folder name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from pcbcore.errors import MergeInputError
+from pcbmerge.pipeline_config import PipelineConfig, _anchor_local_paths, parse_pipeline_config
+from pcbmerge.search_config import SearchSettings, parse_search_config
+
+PLACEHOLDERS = [{"model": "<from the watched source>"}, {"model": "<from the watched source, 2>"}]
+
+
+class WatchConfig(BaseModel):
+    """What to watch and the pipeline to run on what it holds (its `models` list is taken from the source)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        description="a folder whose sub-folders are checkpoints, a Hub repo id org/name (one checkpoint per branch), "
+        "or models:/NAME (one per registered version)"
+    )
+    pipeline: PipelineConfig = Field(description="the merge to run; `register_as` is required, `models` is replaced by the source's checkpoints")
+    search: SearchSettings | None = Field(default=None, description="search the coefficients with CMA-ES (search_flow) instead of a plain merge")
+    min_models: int = Field(default=2, ge=1, description="merge only when the source holds at least this many checkpoints")
+
+
+def load_watch_config(path: str | Path, source: str) -> WatchConfig:
+    """Read a pipeline (or search) YAML for watching `source`; errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeInputError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MergeInputError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MergeInputError(f"{path}: a pipeline config must be a YAML mapping with 'merge_method' and 'base_model'")
+    data = _anchor_local_paths(data, path.parent.resolve())
+    listed = data.get("models") or []
+    checked = {**data, "models": listed if len(listed) >= 2 else PLACEHOLDERS}
+    search = None
+    if "search" in data:
+        # a search's `start` list is per model; with models from a source only a single start value makes sense
+        search = parse_search_config(checked, source=str(path)).search
+        checked.pop("search")
+    pipeline = parse_pipeline_config(checked, source=str(path))
+    pipeline = PipelineConfig.model_validate({**pipeline.model_dump(), "models": listed})
+    if not pipeline.register_as:
+        raise MergeInputError(f"{path}: a watch needs key 'register_as': the last merge's inputs are read from that registered model")
+    return WatchConfig(source=str(Path(source).expanduser().resolve()) if Path(source).expanduser().is_dir() else source, pipeline=pipeline, search=search)

@@ -231,9 +231,9 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def model_version(uri: str):
     """The registry entry `uri` names, or `MergeInputError` naming it."""
+    name, version, alias = parse_model_uri(uri)
     from mlflow.exceptions import MlflowException
 
-    name, version, alias = parse_model_uri(uri)
     mlflow_client = client()
     try:
         return mlflow_client.get_model_version_by_alias(name, alias) if alias else mlflow_client.get_model_version(name, version)
@@ -257,11 +257,11 @@ def download_registered_model(uri: str, dest_root: Path) -> tuple[str, str, Path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{number}.", dir=target.parent))
     try:
-        download_artifacts(artifact_uri=location, dst_path=str(tmp))
-        (tmp / ".complete").write_text(uri + "\n")
+        local = Path(download_artifacts(artifact_uri=location, dst_path=str(tmp)))  # tmp/<last part of location>
+        (local / ".complete").write_text(uri + "\n")
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)
+        local.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return name, number, target

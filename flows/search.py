@@ -17,7 +17,7 @@ import os
 import time
 
 import yaml
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
@@ -100,7 +100,8 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
     cache_dir, device = str(settings.cache_dir), config.device if config.device != "auto" else settings.device
     merge = config.merge_config()
 
-    fetched = fetch_checkpoint.map(config.references(), cache_dir=unmapped(cache_dir)).result()
+    # Fetched here, not on the task runner: the search's runner may be a Dask cluster, meant for candidates.
+    fetched = [fetch_checkpoint(ref, cache_dir) for ref in config.references()]
     inputs = {checkpoint.ref: checkpoint for checkpoint in fetched}
     validate_checkpoints(config, inputs)
     tokenizer_folder = inputs[merge.tokenizer_source].folder

@@ -264,6 +264,12 @@ class _WorkerCache:
 _WORKER = _WorkerCache()
 
 
+def worker_cache() -> _WorkerCache:
+    """This process's cache. Tasks reach it through this function: Prefect tasks are cloudpickled by value
+    for Dask, and a function is pickled by reference while a global holding a lock cannot be pickled."""
+    return _WORKER
+
+
 def build_candidate(model: Any, components: StoredComponents, lambdas: list[float]) -> None:
     """Load θ_pre + Σ λ_i C_i into `model` in place (tied weights stay tied: only the file's keys load)."""
     weights = components.state_dict(lambdas)
@@ -287,9 +293,10 @@ def _candidate_cache_key(context, parameters) -> str:
 def evaluate_candidate(request: CandidateRequest, label: str = "") -> CandidateScore:
     """Build one candidate in memory from the stored components and score it on the search split."""
     device = str(resolve_device(request.device))
-    components = _WORKER.stored(request.components_folder, device)
+    cache = worker_cache()
+    components = cache.stored(request.components_folder, device)
     base_dir = str(components.base_dir)
-    pair = _WORKER.take_model(base_dir, request.tokenizer_folder, device)
+    pair = cache.take_model(base_dir, request.tokenizer_folder, device)
     try:
         started = time.perf_counter()
         build_candidate(pair[0], components, request.lambdas)
@@ -307,7 +314,7 @@ def evaluate_candidate(request: CandidateRequest, label: str = "") -> CandidateS
         )
         evaluated = time.perf_counter()
     finally:
-        _WORKER.give_back(base_dir, request.tokenizer_folder, device, pair)
+        cache.give_back(base_dir, request.tokenizer_folder, device, pair)
     scores = {name: score.value for name, score in result.scores.items()}
     fitness = fitness_of(scores, request.weights)
     get_run_logger().info("λ=%s fitness %.4f (build %.3fs, evaluate %.2fs)", _fmt(request.lambdas), fitness, built - started, evaluated - built)

@@ -1,0 +1,211 @@
+"""CMA-ES coefficient search: config checks, exact resume of the optimiser, and search-flow end to end on the
+micro zoo with a real Dask `LocalCluster` (two worker processes), the real Prefect engine (test harness),
+real lm-eval and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from pcbcore.errors import MergeInputError
+from pcbmerge.search_config import parse_search_config
+from tasks.search import CandidateScore, SearchState, ask_population, new_search_state, tell_population
+
+ROUNDS = 2
+POPSIZE = 3
+
+
+def _data(zoo, **search):
+    return {
+        "merge_method": "pcb",
+        "base_model": str(zoo.base),
+        "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks[:2]],
+        "parameters": {"ratio": 0.2},
+        "evaluation": {"tasks": zoo.tasks[:2], "include_path": str(zoo.task_dir), "limit": 4, "split": "test"},
+        "search": {"budget": ROUNDS * POPSIZE, "popsize": POPSIZE, "seed": 3, "sigma0": 0.3, **search},
+        "register_as": "searched",
+    }
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"split": "test"}, "key 'search.split': must be 'validation': the search never sees the test split"),
+        ({"bounds": [1.5, 0.5]}, "key 'search.bounds': must be [lo, hi] with lo < hi"),
+        ({"start": 2.0}, "start 2.0 must lie inside bounds [0.5, 1.5]"),
+        ({"start": [1.0, 1.0, 1.0]}, "key 'search.start' has 3 values for 2 models"),
+        ({"popsiz": 4}, "unknown key 'search.popsiz'"),
+        ({"weights": {"zoo_nope": 1.0}}, "key 'search.weights' names ['zoo_nope']"),
+        ({"ratio": [0.1, 1.5]}, "every ratio must satisfy 0 < r ≤ 1"),
+        ({"dask_workers": 2, "dask_address": "tcp://127.0.0.1:1"}, "not both"),
+    ],
+)
+def test_bad_search_settings_name_the_key(micro_zoo, search, message):
+    with pytest.raises(MergeInputError) as err:
+        parse_search_config(_data(micro_zoo, **search), source="search.yml")
+    assert message in str(err.value) and str(err.value).startswith("search.yml: ")
+
+
+def test_a_search_needs_evaluation_and_ratio_grid_only_for_pcb(micro_zoo):
+    data = _data(micro_zoo)
+    del data["evaluation"]
+    with pytest.raises(MergeInputError, match="a search needs an 'evaluation' block"):
+        parse_search_config(data)
+    data = _data(micro_zoo, ratio=[0.1, 0.2])
+    data["merge_method"], data["parameters"] = "ties", {"density": 0.5}
+    with pytest.raises(MergeInputError, match="grid over PCB's ratio, but merge_method is 'ties'"):
+        parse_search_config(data)
+
+
+# ---------------------------------------------------------------- the optimiser, without models
+
+
+def _sphere(population):
+    """A stand-in fitness (maximised at λ = 1.2), as `CandidateScore`s."""
+    return [
+        CandidateScore(lambdas=x, scores={"t": -sum((v - 1.2) ** 2 for v in x)}, fitness=-sum((v - 1.2) ** 2 for v in x),
+                       split="validation", build_seconds=0.0, eval_seconds=0.0, worker="here")
+        for x in population
+    ]
+
+
+def _rounds(state: SearchState, count: int, reseed: bool) -> SearchState:
+    for k in range(count):
+        es, population = ask_population(state)
+        if reseed:  # what lm-eval does to numpy's global generator on every evaluation
+            np.random.seed(1234 + k)
+        state = tell_population(state, es, population, _sphere(population), 0.0)
+    return state
+
+
+def test_saved_state_resumes_exactly_and_starts_at_the_start(micro_zoo):
+    config = parse_search_config(_data(micro_zoo, budget=100, popsize=4, start=[1.0, 0.9]))
+    fresh = new_search_state(config, None, "components-key", "run")
+    straight = _rounds(fresh, 5, reseed=False)
+    paused = _rounds(fresh, 2, reseed=True)
+    resumed = _rounds(SearchState.model_validate_json(paused.model_dump_json()), 3, reseed=True)  # saved and read back
+    assert resumed.best == straight.best
+    assert [c.lambdas for c in resumed.candidates()] == [c.lambdas for c in straight.candidates()]
+    assert straight.rounds[0].candidates[0].lambdas == [1.0, 0.9]  # the start is the first candidate
+    assert all(0.5 <= v <= 1.5 for c in straight.candidates() for v in c.lambdas)
+    assert straight.best.fitness > straight.rounds[0].candidates[0].fitness
+    assert not os.path.exists("outcmaes")
+    assert pickle.loads(straight.cma_state).countiter == 5
+
+
+def test_budget_stops_the_search(micro_zoo):
+    config = parse_search_config(_data(micro_zoo, budget=9, popsize=4))
+    state = new_search_state(config, None, "k", "run")
+    state = _rounds(state, 2, reseed=False)
+    assert state.stop == "budget of 9 evaluations" and state.evaluations == 8
+
+
+# ---------------------------------------------------------------- the flow, end to end
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def dask_search(micro_zoo):
+    """A 2-round search on a local Dask cluster of two worker processes (one thread each)."""
+    from pcbmerge.commands.search import run_search
+
+    config = parse_search_config(_data(micro_zoo, dask_workers=2), source="test")
+    return config, run_search(config)
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect_client:
+        return prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_dask_search_completes_and_beats_or_matches_its_start(dask_search):
+    _, outcome = dask_search
+    assert outcome.finished and outcome.rounds == ROUNDS and outcome.evaluations == ROUNDS * POPSIZE
+    assert outcome.best_fitness >= outcome.start_fitness
+    assert all(0.5 <= v <= 1.5 for v in outcome.lambdas)
+    assert outcome.model_uri == "models:/searched/1" and outcome.test_scores
+    assert outcome.build_seconds < outcome.eval_seconds
+
+
+def test_candidates_ran_in_the_dask_workers(dask_search):
+    from tasks.track import client
+
+    _, outcome = dask_search
+    children = client().search_runs(
+        [client().get_run(outcome.run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'"
+    )
+    assert len(children) == outcome.evaluations
+    assert {"fitness", "validation.zoo_reverse", "build_seconds"} <= set(children[0].data.metrics)
+    assert {"lambda.0", "lambda.1"} <= set(children[0].data.params)
+
+
+def test_test_split_is_only_seen_by_the_final_step(dask_search):
+    _, outcome = dask_search
+    stages = [(e.stage, e.split) for e in outcome.history]
+    assert stages[:-1] == [("search", "validation")] * outcome.evaluations
+    assert stages[-1] == ("final", "test")
+
+
+def test_search_is_tracked_and_registered_with_its_settings(dask_search, tmp_path):
+    from tasks.track import client, read_lineage
+
+    _, outcome = dask_search
+    mlflow_client = client()
+    best = mlflow_client.get_metric_history(outcome.run_id, "best_fitness")
+    assert [m.step for m in best] == list(range(ROUNDS)) and best[-1].value == outcome.best_fitness
+    assert len(mlflow_client.get_metric_history(outcome.run_id, "mean_fitness")) == ROUNDS
+    names = {a.path for a in mlflow_client.list_artifacts(outcome.run_id, "search")}
+    assert {"search/convergence.png", "search/final_lambdas.json", "search/cma_state.pkl", "search/evaluations.json"} <= names
+    final = json.loads(open(mlflow_client.download_artifacts(outcome.run_id, "search/final_lambdas.json", str(tmp_path))).read())
+    assert final["lambdas"] == outcome.lambdas
+    tags = mlflow_client.get_model_version("searched", "1").tags
+    assert tags["pcbmerge.search.evaluations"] == str(outcome.evaluations)
+    assert json.loads(tags["pcbmerge.lambdas"]) == outcome.lambdas
+    lineage = read_lineage(outcome.model_uri)
+    assert lineage["search"]["evaluations"] == outcome.evaluations and lineage["search"]["settings"]["popsize"] == POPSIZE
+
+
+def test_paused_search_resumes_to_the_same_lambdas(dask_search, micro_zoo, tmp_path, capsys):
+    """Stopped after round 1 and resumed (CLI, local threads): the same final λ as the uninterrupted Dask
+    run with the same seed, and the resumed run evaluates only round 2's candidates."""
+    import yaml
+
+    from pcbmerge.cli import main
+
+    _, straight = dask_search
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(_data(micro_zoo)))
+    assert main(["search", str(path), "--stop-after-rounds", "1", "--json"]) == 0
+    paused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert paused["rounds"] == 1 and paused["model"] is None
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    assert main(["search", str(path), "--resume", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["lambdas"] == straight.lambdas
+    assert resumed["rounds"] == ROUNDS and resumed["evaluations"] == ROUNDS * POPSIZE
+    assert resumed["model"] == "models:/searched/2"
+
+    with get_client(sync_client=True) as prefect_client:
+        last = prefect_client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)[0]
+    candidates = [r for r in _task_runs(last.id) if r.name.startswith("candidate")]
+    assert sorted(r.name.split()[1] for r in candidates) == [f"r1.{i}" for i in range(POPSIZE)]

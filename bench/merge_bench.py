@@ -305,12 +305,14 @@ def mergekit_version(exe: Path) -> str:
     return r.stdout.strip() or "?"
 
 
-def run_one(run: Run, cmd: list[str], out_dir: Path, logs: Path, repeats: int, keep: bool, env=None) -> None:
+def run_one(run: Run, cmd: list[str], out_dir: Path, logs: Path, repeats: int, keep: bool, env=None, pyspy: Path | None = None) -> None:
     for r in range(repeats):
+        raw = logs / f"{run.size}-{run.tool}-{run.method}-{r}.pyspy.txt"
+        full = cmd if pyspy is None else [str(pyspy), "record", "-r", "25", "--nonblocking", "--format", "raw", "-o", str(raw), "--", *cmd]
         if out_dir.exists():
             shutil.rmtree(out_dir)
         load = os.getloadavg()[0]
-        wall, rss, rc, stdout = timed(cmd, logs / f"{run.size}-{run.tool}-{run.method}-{r}.log", env)
+        wall, rss, rc, stdout = timed(full, logs / f"{run.size}-{run.tool}-{run.method}-{r}.log", env)
         if rc != 0:
             run.ok = False
             tail = (logs / f"{run.size}-{run.tool}-{run.method}-{r}.log").read_text().strip().splitlines()[-3:]
@@ -326,10 +328,36 @@ def run_one(run: Run, cmd: list[str], out_dir: Path, logs: Path, repeats: int, k
                 run.extra = {k: rep[k] for k in ("bytes_read", "bytes_written", "seconds", "passes") if k in rep}
             except json.JSONDecodeError:
                 pass
+        if pyspy is not None and raw.exists():
+            run.extra["profile"] = profile_summary(raw)
         print(f"  {run.tool:9s} {run.method:18s} run {r + 1}/{repeats}: {wall:7.2f} s  peak RSS {rss / 2**30:5.2f} GiB  "
               f"{run.input_bytes / wall / 1e9:5.2f} GB/s  (load {load:.1f})", file=sys.stderr, flush=True)
     if not keep and out_dir.exists():
         shutil.rmtree(out_dir)
+
+
+def profile_summary(raw: Path, top: int = 15) -> dict:
+    """Aggregate py-spy's raw (collapsed) stacks: self samples per leaf frame, inclusive per function."""
+    self_s: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf = frames[-1]
+        self_s[leaf] = self_s.get(leaf, 0) + n
+        for f in {re.sub(r":\d+\)$", ")", fr) for fr in frames}:  # per function, not per line
+            incl[f] = incl.get(f, 0) + n
+
+    def pct(d):
+        return [(k, round(100 * v / max(total, 1), 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    ours = {k: v for k, v in incl.items() if "pcbcore" in k}
+    return {"samples": total, "self": pct(self_s), "inclusive_pcbcore": pct(ours)}
 
 
 # --------------------------------------------------------------------------------- child: the floors
@@ -426,6 +454,13 @@ def compare_main(a: str, b: str) -> None:
 # --------------------------------------------------------------------------------------------- report
 
 
+def sizes_order(size: str) -> float:
+    try:
+        return parse_size(size)
+    except SystemExit:
+        return float("inf")
+
+
 def fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 
@@ -468,6 +503,13 @@ def table(runs: list[Run], compares: dict) -> str:
                 continue
             lines.append(f"| {size} | {method} | {c['elements']:,} | {c['differing']:,} ({100 * c['differing'] / max(c['elements'], 1):.4f}%) | "
                          f"{c['max_ulp']} | {c['max_abs']:.3g} | {c['ulp_hist']} | {c['worst_tensor']} |")
+    profiled = [r for r in runs if r.extra.get("profile")]
+    if profiled:
+        lines += ["", "Hot spots (py-spy, share of samples; self = leaf frame, inclusive = pcbcore functions):", ""]
+        for r in profiled:
+            prof = r.extra["profile"]
+            lines.append(f"- {r.size} {r.method}: self " + "; ".join(f"{k} {v}%" for k, v in prof["self"][:6])
+                         + " — inclusive " + "; ".join(f"{k} {v}%" for k, v in prof["inclusive_pcbcore"][:8]))
     return "\n".join(lines)
 
 
@@ -497,6 +539,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mergekit-args", default="--no-copy-tokenizer --lazy-unpickle --out-shard-size 5B",
                     help="extra mergekit-yaml arguments (CPU; default: %(default)s)")
     ap.add_argument("--mergekit-venv", type=Path, default=None, help="mergekit virtual environment (default WORKDIR/mergekit-venv; created if missing)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run pcbmerge under py-spy (installed into the mergekit venv); hot spots go to results.json")
+    ap.add_argument("--fresh", action="store_true", help="drop earlier results in WORKDIR/results.json (default: keep those not re-measured)")
     ap.add_argument("--no-compare", action="store_true", help="skip the output comparison")
     ap.add_argument("--build-only", action="store_true", help="build the zoo and stop")
     args = ap.parse_args(argv)
@@ -512,6 +557,14 @@ def main(argv=None) -> int:
     mk_repeats = args.mergekit_repeats or args.repeats
     mk_exe = mergekit_env((args.mergekit_venv or work / "mergekit-venv").resolve()) if mk_methods and not args.build_only else None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    pyspy = None
+    if args.profile:
+        venv = (args.mergekit_venv or work / "mergekit-venv").resolve()
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pyspy = venv / "bin" / "py-spy"
+        if not pyspy.exists():
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "py-spy"], check=True)
     results_path = work / "results.json"
     runs: list[Run] = []
     compares: dict = {}
@@ -530,11 +583,30 @@ def main(argv=None) -> int:
     except ImportError:
         pass
 
+    # Earlier results in the same workdir are kept unless this invocation re-measures them (--fresh drops them).
+    previous: list[Run] = []
+    if results_path.exists() and not args.fresh:
+        try:
+            old = json.loads(results_path.read_text())
+            fields = set(Run.__dataclass_fields__)
+            previous = [Run(**{k: v for k, v in r.items() if k in fields}) for r in old.get("runs", [])]
+            for key, c in old.get("compare", {}).items():
+                s_, m_ = key.split("/", 1)
+                compares[(s_, m_)] = c
+            for k, v in old.get("meta", {}).get("sizes", {}).items():
+                meta.setdefault("sizes", {})[k] = v
+        except (json.JSONDecodeError, TypeError, ValueError):
+            previous = []
+
     def save():
-        data = {"meta": meta, "runs": [asdict(r) | {"best_s": r.best, "peak_rss": r.rss} for r in runs],
+        fresh = {(r.size, r.tool, r.method) for r in runs}
+        allruns = [r for r in previous if (r.size, r.tool, r.method) not in fresh] + runs
+        allruns.sort(key=lambda r: (sizes_order(r.size), ["floor", "pcbmerge", "mergekit"].index(r.tool) if r.tool in ("floor", "pcbmerge", "mergekit") else 9))
+        data = {"meta": meta, "runs": [asdict(r) | {"best_s": r.best, "peak_rss": r.rss} for r in allruns],
                 "compare": {f"{s}/{m}": c for (s, m), c in compares.items()}}
         results_path.write_text(json.dumps(data, indent=2))
-        (work / "results.md").write_text(table(runs, compares) + "\n")
+        (work / "results.md").write_text(table(allruns, compares) + "\n")
+        return allruns
 
     for size in sizes:
         zoo = work / "zoo" / size
@@ -563,7 +635,7 @@ def main(argv=None) -> int:
             out = outs / f"pcbmerge-{method}"
             r = Run(size, "pcbmerge", method, input_bytes=in_bytes)
             run_one(r, [args.pcbmerge, "merge", str(yml), str(out), "--device", "cpu", "--overwrite", "--json"], out, logs, args.repeats,
-                    keep=method in ("linear", "task_arithmetic", "ties") and method in mk_methods, env=env)
+                    keep=method in ("linear", "task_arithmetic", "ties") and method in mk_methods, env=env, pyspy=pyspy)
             runs.append(r)
             save()
         for method in mk_methods:
@@ -586,12 +658,12 @@ def main(argv=None) -> int:
                     shutil.rmtree(d)
     if args.build_only:
         return 0
-    save()
+    allruns = save()
     print()
     print(f"mergekit {meta['mergekit_version']} ({args.mergekit_args}); repeats: pcbmerge/floor {args.repeats}, mergekit {mk_repeats}; "
           f"2-core machine shared with other jobs: timings are noisy (see loadavg in results.json)")
     print()
-    print(table(runs, compares))
+    print(table(allruns, compares))
     print(f"\nresults: {results_path} and {work / 'results.md'}")
     return 0
 

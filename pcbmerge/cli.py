@@ -25,6 +25,7 @@ COMMANDS = [
     "pcbmerge.commands.search",
     "pcbmerge.commands.up",
     "pcbmerge.commands.watch",
+    "pcbmerge.commands.serve",
 ]
 
 

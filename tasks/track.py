@@ -72,14 +72,18 @@ _TRACKING = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_ret
 
 
 def experiment_id(name: str) -> str:
-    """The experiment's id, created with an explicit artifact location under `$PCBMERGE_HOME/mlartifacts`."""
+    """The experiment's id, created with an explicit artifact location under `$PCBMERGE_HOME/mlartifacts`.
+
+    Against a tracking server (http/https) the server chooses: its `--artifacts-destination` (a folder or an
+    object store), reached through the server, so workers on other machines and the UI read the same files."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client()
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = (load_settings().artifact_dir / name).as_uri()
+    uri = load_settings().tracking_uri
+    location = None if uri.startswith(("http://", "https://")) else (load_settings().artifact_dir / name).as_uri()
     try:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except MlflowException as exc:  # created meanwhile by a concurrent flow

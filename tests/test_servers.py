@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -94,3 +95,118 @@ def test_down_never_stops_a_process_it_did_not_start(tmp_path):
     finally:
         stranger.kill()
         stranger.wait(10)
+
+
+# ---------------------------------------------------------------- a served deployment, triggered like the UI
+
+SECRET = "hf_servetestsecret0123456789"
+
+
+def _api(method: str, url: str, body: dict | None = None):
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"serve exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
+
+
+@pytest.fixture
+def served(servers, micro_zoo, tmp_path):
+    """`pcbmerge serve --config` in its own process (started in another folder than the repository), pointed at
+    the servers; stopped before the servers are."""
+    task = micro_zoo.tasks[0]
+    config = tmp_path / "served.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "merge_method": "ties",
+                "base_model": str(micro_zoo.base),
+                "models": [{"model": str(micro_zoo.experts[t])} for t in micro_zoo.tasks[:2]],
+                "parameters": {"density": 0.5},
+                "evaluation": {"tasks": [task], "include_path": str(micro_zoo.task_dir), "limit": 4},
+                "register_as": "served",
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": servers["info"]["PREFECT_API_URL"],
+        "MLFLOW_TRACKING_URI": servers["info"]["MLFLOW_TRACKING_URI"],
+        "PCBMERGE_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "HF_TOKEN": SECRET,
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pcbmerge.cli", "serve", "--config", str(config)],
+            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield {"proc": proc, "log": log, "task": task}
+    finally:
+        proc.terminate()  # the runner pauses its deployments and exits
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_served_deployment_runs_from_the_api_and_logs_to_the_mlflow_server(servers, served):
+    from mlflow import MlflowClient
+
+    api, proc, log = servers["info"]["PREFECT_API_URL"], served["proc"], served["log"]
+    started = time.monotonic()
+
+    def merge_deployment():
+        found = _api("POST", f"{api}/deployments/filter", {"deployments": {"name": {"any_": ["merge"]}}})
+        return found[0] if found else None
+
+    deployment = _wait(merge_deployment, 240, "the merge deployment", proc, log)
+    print(f"deployment registered {time.monotonic() - started:.1f} s after serve started")
+    # The UI's form: every field of the pipeline config is typed, with the YAML's values as defaults.
+    schema = deployment["parameter_openapi_schema"]
+    pipeline = schema["definitions"]["PipelineConfig"]["properties"]
+    assert pipeline["register_as"]["description"] and pipeline["evaluation"]
+    assert deployment["parameters"]["config"]["register_as"] == "served" and deployment["enforce_parameter_schema"]
+
+    # What the UI's "Quick run" sends.
+    flow_run = _api("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", {"state": {"type": "SCHEDULED", "message": "Run from the UI"}})
+    triggered = time.monotonic()
+    terminal = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+    def finished():
+        run = _api("GET", f"{api}/flow_runs/{flow_run['id']}")
+        return run if run["state"]["type"] in terminal else None
+
+    run = _wait(finished, 420, "the flow run to finish", proc, log)
+    print(f"flow run finished in {time.monotonic() - triggered:.1f} s")
+    assert run["state"]["type"] == "COMPLETED", log.read_text()[-3000:]
+
+    mlflow_client = MlflowClient(tracking_uri=servers["info"]["MLFLOW_TRACKING_URI"], registry_uri=servers["info"]["MLFLOW_TRACKING_URI"])
+    experiment = mlflow_client.get_experiment_by_name("pcbmerge")
+    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run['id']}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert f"merged.{served['task']}" in runs[0].data.metrics
+    version = mlflow_client.get_model_version("served", "1")
+    assert version.run_id == runs[0].info.run_id
+    # Artifacts went through the tracking server into its store, not to a path on the client's disk.
+    assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:")
+    assert list((servers["workdir"] / "mlartifacts").rglob("lineage.json"))
+
+    assert SECRET not in json.dumps({**runs[0].data.params, **runs[0].data.tags, "parameters": run["parameters"]})
+    logs = _api("POST", f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    assert logs and SECRET not in "\n".join(entry["message"] for entry in logs)

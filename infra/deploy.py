@@ -1,0 +1,71 @@
+"""Deployments of the three flows, served from one process (`pcbmerge serve`) or deployed to a work pool
+(`infra/prefect.yaml`, `prefect deploy --all`).
+
+| deployment | flow | parameter model (the UI's form) | schedule |
+|---|---|---|---|
+| `merge-flow/merge` | `merge_flow` | `config: PipelineConfig` | none: run from the UI, the CLI or the API |
+| `search-flow/search` | `search_flow` | `config: SearchPipelineConfig`, `resume`, `stop_after_rounds` | none |
+| `watch-flow/watch` | `watch_flow` | `config: WatchConfig` | `--every` interval or `--cron`, one run at a time |
+
+Every parameter is a pydantic model, so Prefect publishes its JSON schema (titles, defaults, descriptions)
+and the UI renders a form; values are validated before a run starts (`enforce_parameter_schema`). Defaults
+for the forms come from a pipeline YAML (`pcbmerge serve --config CONFIG.yml`). A Hub token is never a
+parameter: the serving process (or worker) reads `HF_TOKEN` from its environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pcbmerge.pipeline_config import PipelineConfig
+from pcbmerge.watch_config import WatchConfig
+
+TAGS = ["pcbmerge"]
+
+
+def build_deployments(
+    merge_defaults: PipelineConfig | None = None,
+    watch: WatchConfig | None = None,
+    interval: int | None = None,
+    cron: str | None = None,
+) -> list[Any]:
+    """RunnerDeployments for `prefect.serve`: merge and search always; watch when there is a source to watch."""
+    from flows.merge import merge_flow
+    from flows.search import search_flow
+    from flows.watch import watch_flow
+
+    merge_params = {"config": merge_defaults.model_dump(mode="json")} if merge_defaults is not None else None
+    deployments = [
+        merge_flow.to_deployment(
+            name="merge",
+            parameters=merge_params,
+            description="Fetch, validate, merge, evaluate, track and register the checkpoints the config names.",
+            tags=TAGS,
+        ),
+        search_flow.to_deployment(
+            name="search",
+            description="Search the per-model coefficients with CMA-ES on the validation split, then merge, evaluate and register the best.",
+            tags=TAGS,
+        ),
+    ]
+    if watch is not None:
+        deployments.append(
+            watch_flow.to_deployment(
+                name="watch",
+                parameters={"config": watch.model_dump(mode="json")},
+                interval=interval,
+                cron=cron,
+                # One run at a time: a slow merge must not overlap the next tick and merge the same set twice.
+                concurrency_limit=1,
+                description=f"Merge the checkpoints of {watch.source} into {watch.pipeline.register_as} whenever they change.",
+                tags=[*TAGS, "watch"],
+            )
+        )
+    return deployments
+
+
+def serve_deployments(deployments: list[Any], limit: int | None = None) -> None:
+    """Serve until interrupted: poll the Prefect API for scheduled or triggered runs and run them here."""
+    from prefect import serve
+
+    serve(*deployments, limit=limit, print_starting_message=True)

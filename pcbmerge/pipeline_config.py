@@ -102,7 +102,8 @@ def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # A misspelt key usually also leaves a required one missing: name the misspelling first.
+        err = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")[0]
         key = ".".join(str(p) for p in err.get("loc", ()))
         if err.get("type") == "extra_forbidden":
             allowed = sorted(PipelineConfig.model_fields) if "." not in key else sorted(EvaluationConfig.model_fields)

@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -281,10 +282,31 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, in
     with open(log, "w") as err, open(log.with_suffix(".stdout"), "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        polled = [0]
+        stop = threading.Event()
+
+        def poll():  # the largest RSS of any process in the child's tree (wait4 misses grandchildren, e.g. under py-spy)
+            try:
+                import psutil
+
+                root = psutil.Process(proc.pid)
+            except Exception:
+                return
+            while not stop.wait(0.2):
+                try:
+                    for p in [root, *root.children(recursive=True)]:
+                        polled[0] = max(polled[0], p.memory_info().rss)
+                except Exception:
+                    pass
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        stop.set()
+        watcher.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss * 1024, proc.returncode, log.with_suffix(".stdout").read_text()
+    return wall, max(usage.ru_maxrss * 1024, polled[0]), proc.returncode, log.with_suffix(".stdout").read_text()
 
 
 def mergekit_env(venv: Path) -> Path:

@@ -17,8 +17,8 @@ started (same start time): a pid recycled by the OS for another program is left 
 PostgreSQL: `database_url="postgresql://USER:PASSWORD@HOST:PORT"` puts both stores on that server, in two
 databases `prefect` and `mlflow` (created when missing). Prefect and MLflow each keep their schema
 version in a table named `alembic_version`, so they cannot share one database. Prefect reaches it through
-asyncpg (`PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...`), MLflow through psycopg2
-(`--backend-store-uri postgresql://...`).
+asyncpg (`PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...`), MLflow through psycopg 3
+(`--backend-store-uri postgresql+psycopg://...`).
 """
 
 from __future__ import annotations
@@ -134,13 +134,13 @@ def database_urls(database_url: str | None, workdir: Path) -> tuple[str, str]:
     if parts.scheme not in {"postgresql", "postgres"} or not parts.hostname:
         raise MergeInputError(f"--database-url '{redact(database_url)}' must look like postgresql://USER:PASSWORD@HOST:PORT")
     server = parts._replace(scheme="postgresql", path="", query="", fragment="")
-    ensure_databases(urlunsplit(server._replace(path="/postgres")), ["prefect", "mlflow"])
+    ensure_databases(urlunsplit(server._replace(scheme="postgresql+psycopg", path="/postgres")), ["prefect", "mlflow"], shown=redact(database_url))
     prefect = urlunsplit(server._replace(scheme="postgresql+asyncpg", path="/prefect"))
-    mlflow = urlunsplit(server._replace(path="/mlflow"))
+    mlflow = urlunsplit(server._replace(scheme="postgresql+psycopg", path="/mlflow"))
     return prefect, mlflow
 
 
-def ensure_databases(maintenance_url: str, names: list[str]) -> None:
+def ensure_databases(maintenance_url: str, names: list[str], shown: str) -> None:
     """Create the databases that do not exist yet on the server `maintenance_url` points to."""
     import sqlalchemy
 
@@ -153,7 +153,7 @@ def ensure_databases(maintenance_url: str, names: list[str]) -> None:
                     conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     except sqlalchemy.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise MergeInputError(f"cannot reach PostgreSQL at {redact(maintenance_url)}: {reason}") from None
+        raise MergeInputError(f"cannot reach PostgreSQL at {shown}: {reason}") from None
     finally:
         engine.dispose()
 
@@ -302,11 +302,11 @@ def _spawn_prefect(workdir: Path, host: str, url_host: str, port: int, database:
 def _spawn_mlflow(workdir: Path, host: str, url_host: str, port: int, backend: str) -> ServerProcess:
     url = f"http://{url_host}:{port}"
     # Job execution starts a pool of extra processes (2.5 GB, 16 s instead of 8 s) that nothing here uses.
-    env = _server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    # The store URI goes in the environment, not the command line: a PostgreSQL password would show in `ps`.
+    env = _server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": backend})
     cmd = [
         _bin("mlflow"), "server",
         "--host", host, "--port", str(port),
-        "--backend-store-uri", backend,
         "--artifacts-destination", str(workdir / "mlartifacts"),
         "--workers", "1",
     ]  # fmt: skip

@@ -38,6 +38,7 @@ from tasks.search import (
     evaluate_candidate,
     load_search_state,
     new_search_state,
+    resume_state,
     save_search_state,
     search_key,
     tell_population,
@@ -122,7 +123,7 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
         paused = False
         for ratio, arm in arms:
             components = compute_components(arm, inputs, cache_dir, device)
-            state = saved.get(ratio) or new_search_state(config, ratio, components.key, run_id)
+            state = resume_state(saved[ratio], config) if saved.get(ratio) else new_search_state(config, ratio, components.key, run_id)
             while state.stop is None and not paused:
                 if stop_after_rounds is not None and _rounds(states) + len(state.rounds) >= stop_after_rounds:
                     paused = True

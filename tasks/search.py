@@ -164,6 +164,16 @@ def new_search_state(config: SearchPipelineConfig, ratio: float | None, componen
     )
 
 
+def resume_state(state: SearchState, config: SearchPipelineConfig) -> SearchState:
+    """A saved state under the config's current budget: a search that ran out of budget goes on when the
+    budget has been raised (the budget does not change the search's path, so it is not in its key)."""
+    budget = budget_share(config)
+    stop = state.stop
+    if stop is not None and stop.startswith("budget") and state.evaluations + state.popsize <= budget:
+        stop = None
+    return state.model_copy(update={"budget": budget, "stop": stop})
+
+
 def ask_population(state: SearchState) -> tuple[Any, list[list[float]]]:
     """The optimiser (unpickled from the state) and its next population of λ vectors."""
     es = pickle.loads(state.cma_state)

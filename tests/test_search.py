@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from tasks.search import CandidateScore, SearchState, ask_population, new_search
 
 ROUNDS = 2
 POPSIZE = 3
+# Paths only (nothing is read): the config and optimiser tests need no trained zoo.
+PAPER_ZOO = SimpleNamespace(base="/zoo/base", experts={"a": "/zoo/a", "b": "/zoo/b"}, tasks=["a", "b"], task_dir="/zoo/tasks")
 
 
 def _data(zoo, **search):
@@ -47,18 +50,18 @@ def _data(zoo, **search):
         ({"dask_workers": 2, "dask_address": "tcp://127.0.0.1:1"}, "not both"),
     ],
 )
-def test_bad_search_settings_name_the_key(micro_zoo, search, message):
+def test_bad_search_settings_name_the_key(search, message):
     with pytest.raises(MergeInputError) as err:
-        parse_search_config(_data(micro_zoo, **search), source="search.yml")
+        parse_search_config(_data(PAPER_ZOO, **search), source="search.yml")
     assert message in str(err.value) and str(err.value).startswith("search.yml: ")
 
 
-def test_a_search_needs_evaluation_and_ratio_grid_only_for_pcb(micro_zoo):
-    data = _data(micro_zoo)
+def test_a_search_needs_evaluation_and_ratio_grid_only_for_pcb():
+    data = _data(PAPER_ZOO)
     del data["evaluation"]
     with pytest.raises(MergeInputError, match="a search needs an 'evaluation' block"):
         parse_search_config(data)
-    data = _data(micro_zoo, ratio=[0.1, 0.2])
+    data = _data(PAPER_ZOO, ratio=[0.1, 0.2])
     data["merge_method"], data["parameters"] = "ties", {"density": 0.5}
     with pytest.raises(MergeInputError, match="grid over PCB's ratio, but merge_method is 'ties'"):
         parse_search_config(data)
@@ -85,8 +88,8 @@ def _rounds(state: SearchState, count: int, reseed: bool) -> SearchState:
     return state
 
 
-def test_saved_state_resumes_exactly_and_starts_at_the_start(micro_zoo):
-    config = parse_search_config(_data(micro_zoo, budget=100, popsize=4, start=[1.0, 0.9]))
+def test_saved_state_resumes_exactly_and_starts_at_the_start():
+    config = parse_search_config(_data(PAPER_ZOO, budget=100, popsize=4, start=[1.0, 0.9]))
     fresh = new_search_state(config, None, "components-key", "run")
     straight = _rounds(fresh, 5, reseed=False)
     paused = _rounds(fresh, 2, reseed=True)
@@ -100,8 +103,8 @@ def test_saved_state_resumes_exactly_and_starts_at_the_start(micro_zoo):
     assert pickle.loads(straight.cma_state).countiter == 5
 
 
-def test_budget_stops_the_search(micro_zoo):
-    config = parse_search_config(_data(micro_zoo, budget=9, popsize=4))
+def test_budget_stops_the_search():
+    config = parse_search_config(_data(PAPER_ZOO, budget=9, popsize=4))
     state = new_search_state(config, None, "k", "run")
     state = _rounds(state, 2, reseed=False)
     assert state.stop == "budget of 9 evaluations" and state.evaluations == 8
@@ -110,7 +113,7 @@ def test_budget_stops_the_search(micro_zoo):
 # ---------------------------------------------------------------- the flow, end to end
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
@@ -119,7 +122,7 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="module")
-def dask_search(micro_zoo):
+def dask_search(micro_zoo, prefect_harness):
     """A 2-round search on a local Dask cluster of two worker processes (one thread each)."""
     from pcbmerge.commands.search import run_search
 
@@ -182,7 +185,7 @@ def test_search_is_tracked_and_registered_with_its_settings(dask_search, tmp_pat
     assert lineage["search"]["evaluations"] == outcome.evaluations and lineage["search"]["settings"]["popsize"] == POPSIZE
 
 
-def test_paused_search_resumes_to_the_same_lambdas(dask_search, micro_zoo, tmp_path, capsys):
+def test_paused_search_resumes_to_the_same_lambdas(dask_search, micro_zoo, prefect_harness, tmp_path, capsys):
     """Stopped after round 1 and resumed (CLI, local threads): the same final λ as the uninterrupted Dask
     run with the same seed, and the resumed run evaluates only round 2's candidates."""
     import yaml
@@ -209,3 +212,14 @@ def test_paused_search_resumes_to_the_same_lambdas(dask_search, micro_zoo, tmp_p
         last = prefect_client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)[0]
     candidates = [r for r in _task_runs(last.id) if r.name.startswith("candidate")]
     assert sorted(r.name.split()[1] for r in candidates) == [f"r1.{i}" for i in range(POPSIZE)]
+
+
+def test_a_raised_budget_lets_a_finished_search_go_on():
+    from tasks.search import resume_state
+
+    config = parse_search_config(_data(PAPER_ZOO, budget=8, popsize=4))
+    state = _rounds(new_search_state(config, None, "k", "run"), 2, reseed=False)
+    assert state.stop is not None
+    again = resume_state(state, parse_search_config(_data(PAPER_ZOO, budget=12, popsize=4)))
+    assert again.stop is None and again.budget == 12
+    assert resume_state(state, config).stop == state.stop

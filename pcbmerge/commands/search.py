@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pcbmerge.commands.run import prepare_home, quiet_libraries
+
     config = load_search_config(args.config)  # bad keys fail here, before Prefect or MLflow start
+    quiet_libraries(getattr(args, "verbose", False))
+    prepare_home()
     if args.stop_after_rounds is not None and args.stop_after_rounds < 1:
         raise MergeInputError(f"--stop-after-rounds must be 1 or more, got {args.stop_after_rounds}")
     if args.dask_address and args.dask_workers:
@@ -73,3 +77,36 @@ def run_search(config, resume: bool = False, stop_after_rounds: int | None = Non
 
     with shared_prefect_api() if uses_dask(config.search) else nullcontext():
         return search_flow.with_options(task_runner=task_runner(config.search))(config, resume=resume, stop_after_rounds=stop_after_rounds)
+
+
+# The demo's search row (`pcbmerge demo`): PCB (paper) with per-model λ searched by CMA-ES on the
+# validation split; a short search (two rounds) so the demo stays a few minutes on two cores.
+DEMO_SEARCH = {"budget": 12, "popsize": 6, "sigma0": 0.2, "seed": 0, "workers": 2}
+
+
+def demo_search(zoo, work: Path, size: str, limit: int | None) -> tuple[str, dict[str, float], str | None, str]:
+    """(table label, test scores, registered model URI, a one-line summary) of the demo's search."""
+    from pcbmerge.search_config import parse_search_config
+
+    config = parse_search_config(
+        {
+            "merge_method": "pcb",
+            "base_model": str(zoo.base),
+            "models": [{"model": str(zoo.experts[task])} for task in zoo.tasks],
+            "parameters": {"ratio": 0.1, "variant": "paper"},
+            "evaluation": {"tasks": zoo.tasks, "include_path": str(zoo.task_dir), "split": "test", "limit": limit},
+            "search": DEMO_SEARCH,
+            "register_as": f"demo-{size}-pcb-cma-es",
+            "experiment": "pcbmerge-demo",
+            "output": str(work / f"merged-{size}" / "pcb-cma-es"),
+            "overwrite": True,
+            "name": "demo pcb + CMA-ES",
+        },
+        source="demo:pcb + CMA-ES",
+    )
+    outcome = run_search(config)
+    lambdas = ", ".join(f"{x:.2f}" for x in outcome.lambdas)
+    share = 100 * outcome.build_seconds / max(outcome.eval_seconds, 1e-9)
+    line = (f"{outcome.evaluations} candidates in {outcome.rounds} rounds, λ = [{lambdas}], validation fitness "
+            f"{outcome.start_fitness:.3f} → {outcome.best_fitness:.3f}; building took {share:.1f}% of evaluating")
+    return "merge: pcb + CMA-ES", outcome.test_scores, outcome.model_uri, line

@@ -54,7 +54,7 @@ UNSUPPORTED_KEYS = {
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(description="local folder (or, in the pipeline, a Hub id or models:/ URI)")
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="per-model parameters, e.g. {lambda: 1.1} or {weight: 2}")
 
 
 class RawMergeConfig(BaseModel):

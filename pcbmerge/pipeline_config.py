@@ -41,10 +41,10 @@ class EvaluationConfig(BaseModel):
 
     tasks: list[str] = Field(min_length=1, description="lm-eval task names")
     include_path: str | None = Field(default=None, description="folder of extra lm-eval task YAMLs")
-    split: Literal["validation", "test"] = "test"
+    split: Literal["validation", "test"] = Field(default="test", description="the split the scores are reported on")
     limit: int | None = Field(default=None, gt=0, description="at most this many examples per task")
     baselines: bool = Field(default=False, description="also evaluate the base and every input model")
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, description="lm-eval batch size")
 
 
 class PipelineConfig(BaseModel):
@@ -52,17 +52,17 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    merge_method: str
-    base_model: str | None = None
-    models: list[ModelEntry] = Field(default_factory=list)
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
-    tokenizer_source: str | None = None
-    allow_pickle: bool = False
-    name: str | None = None
+    merge_method: str = Field(description="linear | task_arithmetic | ties | dare_linear | dare_ties | pcb")
+    base_model: str | None = Field(default=None, description="the pre-trained checkpoint: a folder, org/name@rev on the Hub, or models:/NAME/VERSION")
+    models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
+    dtype: str | None = Field(default=None, description="dtype to read the inputs in (default: as stored)")
+    out_dtype: str | None = Field(default=None, description="dtype of the merged weights (default: the inputs' dtype)")
+    tokenizer_source: str | None = Field(default=None, description="where the tokenizer comes from (default: the base)")
+    allow_pickle: bool = Field(default=False, description="accept pickle checkpoints (loaded with weights_only=True)")
+    name: str | None = Field(default=None, description="a name for the MLflow run (default: register_as or the method)")
 
-    evaluation: EvaluationConfig | None = None
+    evaluation: EvaluationConfig | None = Field(default=None, description="lm-eval tasks that score the merge (optional)")
     register_as: str | None = Field(default=None, description="MLflow registered model name")
     experiment: str = Field(default="pcbmerge", description="MLflow experiment name")
     output: str | None = Field(default=None, description="output folder (default: content-keyed cache folder)")

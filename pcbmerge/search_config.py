@@ -108,7 +108,7 @@ class SearchSettings(BaseModel):
 class SearchPipelineConfig(PipelineConfig):
     """A pipeline config whose λ are searched: `search_flow`'s parameter model."""
 
-    search: SearchSettings = Field(default_factory=SearchSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings, description="CMA-ES settings: budget, population, bounds, seed, where candidates run")
 
     def ratios(self) -> list[float | None]:
         """The PCB ratio grid, or `[None]`: search the config's own parameters once."""

@@ -1,0 +1,82 @@
+"""Deployment declarations: `pcbmerge serve`'s (infra/deploy.py) and the work-pool file (infra/prefect.yaml).
+Built locally, no server: names, schedules, one-at-a-time watch, and a form field with a description for
+every parameter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pcbmerge.pipeline_config import parse_pipeline_config
+from pcbmerge.watch_config import WatchConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fields_without_description(schema: dict) -> list[str]:
+    missing = []
+    for model, definition in [("root", schema), *schema.get("definitions", schema.get("$defs", {})).items()]:
+        for field, spec in definition.get("properties", {}).items():
+            if model == "root":
+                continue  # the flow's own arguments: `config` is the model below, resume/stop_after_rounds are plain
+            if "description" not in spec:
+                missing.append(f"{model}.{field}")
+    return missing
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    return parse_pipeline_config(
+        {"merge_method": "ties", "base_model": str(tmp_path), "models": [{"model": "a"}, {"model": "b"}], "register_as": "team"}
+    )
+
+
+def test_serve_declares_three_deployments_with_forms(pipeline, tmp_path):
+    from infra.deploy import build_deployments
+
+    watch = WatchConfig(source=str(tmp_path), pipeline=pipeline)
+    deployments = {d.name: d for d in build_deployments(pipeline, watch, interval=3600)}
+    assert {(n, d.flow_name) for n, d in deployments.items()} == {("merge", "merge-flow"), ("search", "search-flow"), ("watch", "watch-flow")}
+    assert deployments["merge"].parameters["config"]["register_as"] == "team"
+    assert deployments["watch"].parameters["config"]["source"] == str(tmp_path)
+    [schedule] = deployments["watch"].schedules
+    assert schedule.schedule.interval.total_seconds() == 3600
+    assert deployments["watch"].concurrency_limit == 1
+    for deployment in deployments.values():
+        assert deployment.enforce_parameter_schema
+        schema = deployment._parameter_openapi_schema.model_dump()
+        assert _fields_without_description(schema) == [], deployment.name
+
+
+def test_serve_cron_schedule(pipeline, tmp_path):
+    from infra.deploy import build_deployments
+
+    deployments = {d.name: d for d in build_deployments(None, WatchConfig(source=str(tmp_path), pipeline=pipeline), cron="0 * * * *")}
+    assert deployments["merge"].parameters == {}
+    assert deployments["watch"].schedules[0].schedule.cron == "0 * * * *"
+
+
+def test_prefect_yaml_names_the_flows_and_valid_parameters():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    names = {d["name"] for d in spec["deployments"]}
+    assert names == {"merge", "search", "watch"}
+    for deployment in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        assert flow.name == f"{deployment['name']}-flow"
+        assert deployment["work_pool"]["name"] == "pcbmerge"
+    watch = next(d for d in spec["deployments"] if d["name"] == "watch")
+    config = WatchConfig.model_validate(watch["parameters"]["config"])
+    assert config.pipeline.register_as and watch["concurrency_limit"] == 1
+
+
+def test_serve_refuses_incomplete_options(capsys, tmp_path):
+    from pcbmerge.cli import main
+
+    assert main(["serve", "--watch-source", str(tmp_path)]) == 2
+    assert "--watch-source needs --config" in capsys.readouterr().err
+    assert main(["serve", "--every", "1h"]) == 2
+    assert "give --watch-source too" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import time
 import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from infra.dask import settings_task_runner
 from pydantic import BaseModel
 
 from pcbmerge.search_config import SearchPipelineConfig
@@ -93,7 +93,7 @@ class SearchOutcome(BaseModel):
         }
 
 
-@flow(name="search-flow", persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="search-flow", persist_result=True, task_runner=settings_task_runner(max_workers=2))
 def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_rounds: int | None = None) -> SearchOutcome:
     """Search λ with CMA-ES on the validation split, then merge, test, track and register the best."""
     logger = get_run_logger()

@@ -15,14 +15,17 @@ from typing import Iterator
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pcbmerge.search_config import SearchSettings
+from pcbmerge.settings import load_settings
 
 
 def task_runner(search: SearchSettings):
-    """Threads by default; `DaskTaskRunner` on a `LocalCluster` (`dask_workers`) or at `dask_address`."""
-    if search.dask_address:
+    """Threads by default; `DaskTaskRunner` on a `LocalCluster` (`dask_workers`) or at `dask_address`
+    (the config's, else the `PCBMERGE_DASK_ADDRESS` setting)."""
+    address = search.dask_address or (None if search.dask_workers else load_settings().dask_address)
+    if address:
         from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(address=search.dask_address)
+        return DaskTaskRunner(address=address)
     if search.dask_workers:
         from prefect_dask import DaskTaskRunner
 
@@ -35,7 +38,19 @@ def task_runner(search: SearchSettings):
 
 
 def uses_dask(search: SearchSettings) -> bool:
-    return bool(search.dask_address or search.dask_workers)
+    return bool(search.dask_address or search.dask_workers or load_settings().dask_address)
+
+
+def settings_task_runner(max_workers: int):
+    """The task runner a flow gets when it runs as a deployment: a Dask scheduler when `PCBMERGE_DASK_ADDRESS`
+    is set on the serving process or worker, else `max_workers` threads. Read when the flow module is
+    imported, which is when a served run or a worker loads it."""
+    address = load_settings().dask_address
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner(max_workers=max_workers)
 
 
 @contextmanager

@@ -80,3 +80,20 @@ def test_serve_refuses_incomplete_options(capsys, tmp_path):
     assert "--watch-source needs --config" in capsys.readouterr().err
     assert main(["serve", "--every", "1h"]) == 2
     assert "give --watch-source too" in capsys.readouterr().err
+
+
+def test_task_runner_is_chosen_by_settings(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from infra.dask import settings_task_runner, task_runner
+    from pcbmerge.search_config import SearchSettings
+
+    monkeypatch.delenv("PCBMERGE_DASK_ADDRESS", raising=False)
+    assert isinstance(settings_task_runner(max_workers=2), ThreadPoolTaskRunner)
+    assert isinstance(task_runner(SearchSettings()), ThreadPoolTaskRunner)
+    monkeypatch.setenv("PCBMERGE_DASK_ADDRESS", "tcp://127.0.0.1:8786")
+    runner = settings_task_runner(max_workers=2)
+    assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
+    assert task_runner(SearchSettings()).address == "tcp://127.0.0.1:8786"
+    assert task_runner(SearchSettings(dask_address="tcp://10.0.0.1:8786")).address == "tcp://10.0.0.1:8786"  # the config wins

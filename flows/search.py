@@ -37,6 +37,7 @@ from tasks.search import (
     describe_round,
     evaluate_candidate,
     load_search_state,
+    merge_layer_groups,
     new_search_state,
     resume_state,
     save_search_state,
@@ -120,9 +121,10 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
     status = "FAILED"
     try:
         states: list[SearchState] = []
+        stored = {}  # ratio -> stored components
         paused = False
         for ratio, arm in arms:
-            components = compute_components(arm, inputs, cache_dir, device)
+            components = stored[ratio] = compute_components(arm, inputs, cache_dir, device)
             state = resume_state(saved[ratio], config) if saved.get(ratio) else new_search_state(config, ratio, components.key, run_id)
             while state.stop is None and not paused:
                 if stop_after_rounds is not None and _rounds(states) + len(state.rounds) >= stop_after_rounds:
@@ -148,8 +150,13 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
             status = "KILLED"
             return outcome
 
-        final = with_lambdas(with_ratio(config, best.ratio), best.lambdas)
-        merged = merge_checkpoint(final, inputs, cache_dir, device)
+        if config.search.layer_groups == 1:
+            final = with_lambdas(with_ratio(config, best.ratio), best.lambdas)
+            merged = merge_checkpoint(final, inputs, cache_dir, device)
+        else:  # λ per layer group: built from the stored components (lineage records the whole genome)
+            final = with_ratio(config, best.ratio)
+            chosen = stored[best.ratio]
+            merged = merge_layer_groups(final, chosen.folder, chosen.key, best.lambdas, tokenizer_folder, cache_dir, device)
         tested = evaluate_checkpoint("merged", merged.folder, merged.fingerprint, config.evaluation, cache_dir, device)
         test_scores = {task: score.value for task, score in tested.scores.items()}
         logger.info("final merge on the %s split: %s", config.evaluation.split, ", ".join(f"{t} {v:.3f}" for t, v in test_scores.items()))
@@ -161,6 +168,7 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
         track_search_summary(run_id, convergence_png(rounds, [inputs[ref].label for ref in merge.models]), summary, _search_tags(config, outcome))
         lineage = lineage_node(final, inputs, merged, run_id, flow_run.get_id())
         lineage["search"] = {"settings": config.search.model_dump(mode="json"), "evaluations": outcome.evaluations,
+                             "layer_groups": config.search.layer_groups,
                              "rounds": outcome.rounds, "best_fitness": best.fitness, "ratio": best.ratio}
         registered = register_model(run_id, config.experiment, merged.folder, config.register_as, lineage) if config.register_as else None
         if registered is None:

@@ -19,6 +19,8 @@
       limit: 32                     # examples per task for the fitness (default: evaluation.limit)
       weights: {zoo_reverse: 2.0}   # weighted mean of task scores (default: equal weights)
       ratio: [0.05, 0.1, 0.2]       # PCB only: search λ for each kept fraction r, keep the best
+      layer_groups: 2               # one λ per model per block of layers (embeddings go with the first
+                                    # block, the final norm and head with the last): genome groups × models
       workers: 2                    # candidates evaluated at once (threads) unless Dask is asked
       dask_workers: 2               # or: a local Dask cluster with this many worker processes
       dask_address: tcp://host:8786 # or: an existing Dask scheduler
@@ -54,6 +56,7 @@ class SearchSettings(BaseModel):
     limit: int | None = Field(default=None, gt=0, description="examples per task for the fitness (default: evaluation.limit)")
     weights: dict[str, float] | None = Field(default=None, description="task -> weight of the fitness mean")
     ratio: list[float] | None = Field(default=None, min_length=1, description="PCB only: a grid of kept fractions r")
+    layer_groups: int = Field(default=1, ge=1, description="one λ per model per contiguous block of layers (genome: groups × models)")
     workers: int = Field(default=2, ge=1, description="candidates evaluated at once on local threads")
     dask_workers: int | None = Field(default=None, ge=1, description="run candidates on a local Dask cluster of this many processes")
     dask_address: str | None = Field(default=None, description="run candidates on the Dask scheduler at this address")

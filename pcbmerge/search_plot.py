@@ -12,6 +12,7 @@ def convergence_png(rounds: list[dict[str, Any]], model_labels: list[str]) -> by
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
     best_line, best_lambdas = [], []
@@ -34,6 +35,7 @@ def convergence_png(rounds: list[dict[str, Any]], model_labels: list[str]) -> by
         if step and record["ratio"] != rounds[step - 1]["ratio"]:
             for axis in (top, bottom):
                 axis.axvline(step - 0.5, color="black", linewidth=0.8, linestyle=":")
+    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.set_xlabel("round")
     bottom.set_ylabel("λ of the best so far")
     bottom.legend(loc="best", fontsize=8)

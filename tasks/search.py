@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 import socket
 import threading
 import time
@@ -54,7 +55,8 @@ class CandidateRequest(BaseModel):
     components_folder: str
     components_key: str
     tokenizer_folder: str
-    lambdas: list[float]
+    lambdas: list[float]  # the genome: n_models values, or layer_groups × n_models (group-major)
+    layer_groups: int = 1
     tasks: list[str]
     include_path: str | None
     split: str
@@ -142,7 +144,7 @@ def new_search_state(config: SearchPipelineConfig, ratio: float | None, componen
 
     n_models = len(config.models)
     search = config.search
-    start = search.start if isinstance(search.start, list) else [search.start] * n_models
+    start = (search.start if isinstance(search.start, list) else [search.start] * n_models) * search.layer_groups
     options = {
         "bounds": list(search.bounds),
         "randn": np.random.RandomState(search.seed).randn,
@@ -213,6 +215,7 @@ def candidate_requests(config: SearchPipelineConfig, components_folder: str, com
             components_key=components_key,
             tokenizer_folder=tokenizer_folder,
             lambdas=lambdas,
+            layer_groups=config.search.layer_groups,
             tasks=list(evaluation.tasks),
             include_path=evaluation.include_path,
             split=config.search.split,
@@ -280,9 +283,44 @@ def worker_cache() -> _WorkerCache:
     return _WORKER
 
 
-def build_candidate(model: Any, components: StoredComponents, lambdas: list[float]) -> None:
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_group(name: str, n_layers: int, groups: int) -> int:
+    """The block of a tensor: layer ℓ of L goes to ⌊ℓ·G/L⌋; tensors outside the layers go with the first
+    block when they are embeddings and with the last otherwise (final norm, head)."""
+    found = LAYER_INDEX.search(name)
+    if found:
+        return int(found.group(1)) * groups // n_layers
+    return 0 if "embed" in name else groups - 1
+
+
+def candidate_weights(components: StoredComponents, genome: list[float], groups: int = 1) -> dict:
+    """θ_pre + Σ λ_i C_i for every tensor; with `groups` > 1, λ is the genome's row for the tensor's block."""
+    if groups == 1:
+        return components.state_dict(genome)
+    import torch
+
+    from pcbcore.methods import combine
+
+    n = components.n_models
+    if len(genome) != groups * n:
+        raise ValueError(f"{len(genome)} coefficients given for {groups} layer groups × {n} models")
+    rows = torch.tensor(genome, dtype=torch.float32).reshape(groups, n)
+    indices = [int(m.group(1)) for name in components.components if (m := LAYER_INDEX.search(name))]
+    n_layers = max(indices) + 1 if indices else 1
+    out = {}
+    for name, comps in components.components.items():
+        lambdas = rows[layer_group(name, n_layers, groups)]
+        merged = combine(components.base[name].reshape(-1), comps.reshape(n, -1), lambdas).reshape(comps.shape[1:])
+        out[name] = merged.to(components.out_dtypes[name])
+    out.update(components.passthrough)
+    return out
+
+
+def build_candidate(model: Any, components: StoredComponents, lambdas: list[float], groups: int = 1) -> None:
     """Load θ_pre + Σ λ_i C_i into `model` in place (tied weights stay tied: only the file's keys load)."""
-    weights = components.state_dict(lambdas)
+    weights = candidate_weights(components, lambdas, groups)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if name not in weights and _is_tied(model, name)}
     if unexpected or set(missing) - tied:
@@ -296,7 +334,8 @@ def _is_tied(model: Any, name: str) -> bool:
 def _candidate_cache_key(context, parameters) -> str:
     request: CandidateRequest = parameters["request"]
     fitness = [request.tasks, request.split, request.limit, request.weights, _task_files(request.include_path), LM_EVAL_VERSION]
-    return "candidate-" + digest([request.components_key, [float(x) for x in request.lambdas], fitness])
+    genome = [float(x) for x in request.lambdas]
+    return "candidate-" + digest([request.components_key, genome if request.layer_groups == 1 else [request.layer_groups, genome], fitness])
 
 
 @task(cache_key_fn=_candidate_cache_key, persist_result=True, timeout_seconds=EVAL_TIMEOUT_SECONDS, task_run_name="candidate {label}")
@@ -309,7 +348,7 @@ def evaluate_candidate(request: CandidateRequest, label: str = "") -> CandidateS
     pair = cache.take_model(base_dir, request.tokenizer_folder, device)
     try:
         started = time.perf_counter()
-        build_candidate(pair[0], components, request.lambdas)
+        build_candidate(pair[0], components, request.lambdas, request.layer_groups)
         built = time.perf_counter()
         result = evaluate_model(
             pair[0],
@@ -389,3 +428,42 @@ def describe_round(record: RoundRecord, state: SearchState) -> str:
 
 def default_popsize(n_models: int) -> int:
     return 4 + int(3 * math.log(n_models))
+
+
+# ---------------------------------------------------------------- the final merge of a layer-grouped genome
+
+
+@task(cache_policy=NO_CACHE, task_run_name="merge layer groups")
+def merge_layer_groups(config: SearchPipelineConfig, components_folder: str, components_key: str, genome: list[float], tokenizer_folder: str, cache_dir: str, device: str):
+    """Write the merge a per-layer-group genome names (the streaming merge takes one λ per model, so this one
+    is built from the stored components, like a candidate, and saved with transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pcbcore.checkpoint import atomic_output
+    from tasks.fetch import fingerprint_folder
+    from tasks.merge import MergedCheckpoint
+
+    groups = config.search.layer_groups
+    key = digest([components_key, groups, [float(x) for x in genome]])
+    folder = Path(config.output).expanduser().resolve() if config.output else Path(cache_dir) / "merges" / key[:24]
+    marker = folder / "pcbmerge_search.json"
+    started = time.perf_counter()
+    reused = marker.is_file() and marker.read_text().strip() == key
+    if not reused:
+        stored = StoredComponents(components_folder, device=str(resolve_device(device)))
+        model = AutoModelForCausalLM.from_pretrained(stored.base_dir, trust_remote_code=False)
+        build_candidate(model, stored, genome, groups)
+        with atomic_output(folder, overwrite=config.overwrite or not config.output) as tmp:
+            model.to("cpu").save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=False).save_pretrained(tmp)
+            (tmp / "pcbmerge_search.json").write_text(key + "\n")
+        get_run_logger().info("wrote the %d-group merge to %s", groups, folder)
+    return MergedCheckpoint(
+        folder=str(folder),
+        key=key,
+        fingerprint=fingerprint_folder(folder, Path(cache_dir) / "digests"),
+        method=config.merge_method,
+        lambdas=[float(x) for x in genome],
+        reused=reused,
+        seconds=round(time.perf_counter() - started, 3),
+    )

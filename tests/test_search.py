@@ -14,7 +14,7 @@ import pytest
 
 from pcbcore.errors import MergeInputError
 from pcbmerge.search_config import parse_search_config
-from tasks.search import CandidateScore, SearchState, ask_population, new_search_state, tell_population
+from tasks.search import CandidateScore, SearchState, ask_population, candidate_weights, layer_group, new_search_state, tell_population
 
 ROUNDS = 2
 POPSIZE = 3
@@ -223,3 +223,29 @@ def test_a_raised_budget_lets_a_finished_search_go_on():
     again = resume_state(state, parse_search_config(_data(PAPER_ZOO, budget=12, popsize=4)))
     assert again.stop is None and again.budget == 12
     assert resume_state(state, config).stop == state.stop
+
+
+def test_layer_groups_split_the_layers_and_build_per_block(tiny_zoo, tmp_path):
+    """Genome rows apply to their blocks: with G=2, a row of zeros gives the base in that block only."""
+    import torch
+
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import StoredComponents, compute_components
+
+    assert [layer_group(f"model.layers.{i}.mlp.up_proj.weight", 4, 2) for i in range(4)] == [0, 0, 1, 1]
+    assert layer_group("model.embed_tokens.weight", 4, 2) == 0 and layer_group("model.norm.weight", 4, 2) == 1
+    base, models = tiny_zoo
+    data = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(m)} for m in models]}
+    folder = compute_components(parse_merge_config(data), tmp_path / "components", device="cpu")
+    stored = StoredComponents(folder, device="cpu")
+    n = stored.n_models
+    assert torch.equal(candidate_weights(stored, [1.0] * n, 1)["model.norm.weight"], stored.state_dict([1.0] * n)["model.norm.weight"])
+    grouped = candidate_weights(stored, [0.0] * n + [1.0] * n, 2)
+    ones, zeros = stored.state_dict([1.0] * n), stored.state_dict([0.0] * n)
+    for name in grouped:
+        if name not in stored.components:
+            continue
+        expected = zeros if layer_group(name, 2, 2) == 0 else ones
+        assert torch.allclose(grouped[name], expected[name]), name
+    config = parse_search_config(_data(PAPER_ZOO, layer_groups=3))
+    assert len(ask_population(new_search_state(config, None, "k", "run"))[1][0]) == 3 * 2

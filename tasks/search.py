@@ -41,7 +41,7 @@ from pcbcore.executor import StoredComponents
 from pcbmerge.evaluation import LM_EVAL_VERSION, evaluate_model
 from pcbmerge.search_config import SearchPipelineConfig
 from tasks._keys import digest
-from tasks.evaluate import EVAL_TIMEOUT_SECONDS, _task_files
+from tasks.evaluate import _task_files
 
 STATE_PREFIX = "pcbmerge-search-state-"
 
@@ -338,7 +338,9 @@ def _candidate_cache_key(context, parameters) -> str:
     return "candidate-" + digest([request.components_key, genome if request.layer_groups == 1 else [request.layer_groups, genome], fitness])
 
 
-@task(cache_key_fn=_candidate_cache_key, persist_result=True, timeout_seconds=EVAL_TIMEOUT_SECONDS, task_run_name="candidate {label}")
+# No `timeout_seconds`: candidates run in worker threads (local threads, or a Dask worker's thread), where
+# Prefect cannot interrupt a blocking evaluation and only logs a warning per candidate.
+@task(cache_key_fn=_candidate_cache_key, persist_result=True, task_run_name="candidate {label}")
 def evaluate_candidate(request: CandidateRequest, label: str = "") -> CandidateScore:
     """Build one candidate in memory from the stored components and score it on the search split."""
     device = str(resolve_device(request.device))

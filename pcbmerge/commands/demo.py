@@ -96,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
         mean = sum(outcome.scores["merged"].values()) / len(outcome.scores["merged"])
         _say(f"      mean test score {mean:.3f}{' (merge reused from cache)' if outcome.reused else ''}")
 
+    # PCB + CMA-ES (issue 5, `pcbmerge search`): per-model λ searched on the validation split.
+    from pcbmerge.commands.search import demo_search
+
+    _say(f"[search] pcb + CMA-ES: λ searched on the validation split (elapsed {time.perf_counter() - started:.0f}s)")
+    label, scores, uri, summary = demo_search(zoo, work, args.size, args.limit)
+    table[label] = scores
+    registered.append(uri)
+    _say(f"      {summary}; mean test score {sum(scores.values()) / len(scores):.3f}")
+
     print(f"\nTest-split scores ({'all' if args.limit is None else args.limit} examples per task; expert rows are named by their task):\n")
     print(report.format_text(table))
     print(f"\nfinished in {time.perf_counter() - started:.0f}s")

@@ -49,6 +49,7 @@ DEFAULT_MLFLOW_PORT = 5000
 # Each server is ready in 7-16 s on an idle two-core machine; a loaded one (a test suite beside it) needs more.
 DEFAULT_STARTUP_TIMEOUT = 180.0
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+WILDCARD = {"0.0.0.0", "::"}
 
 
 @dataclass
@@ -217,11 +218,18 @@ def start_servers(
     (workdir / "mlartifacts").mkdir(parents=True, exist_ok=True)
     prefect_db, mlflow_db = database_urls(database_url, workdir)
 
-    url_host = f"[{host}]" if ":" in host else host
+    # Bound to every interface: others reach the servers by this machine's name (the UI's API calls too).
+    shown_host = socket.getfqdn() if host in WILDCARD else host
+    url_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    if host not in LOOPBACK:
+        log.warning("binding %s: both servers are reachable from the network, without authentication", host)
     started: list[ServerProcess] = []
     try:
         started.append(_spawn_prefect(workdir, host, url_host, prefect_port, prefect_db))
         started.append(_spawn_mlflow(workdir, host, url_host, mlflow_port, mlflow_db))
+        if host in WILDCARD:  # check health on loopback: this machine's name may not resolve to itself
+            for record in started:
+                record.health_url = record.health_url.replace(f"//{url_host}:", "//127.0.0.1:", 1)
         deadline = time.monotonic() + timeout
         for record in started:
             _wait_healthy(record, deadline)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
@@ -102,11 +103,19 @@ def test_down_never_stops_a_process_it_did_not_start(tmp_path):
 SECRET = "hf_servetestsecret0123456789"
 
 
-def _api(method: str, url: str, body: dict | None = None):
-    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+def _api(method: str, url: str, body: dict | None = None, tries: int = 10):
+    """One Prefect API call; a busy server (503 while SQLite is locked, 429) is asked again, as Prefect's
+    own client and the UI do."""
+    for attempt in range(tries):
+        request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (429, 502, 503) or attempt == tries - 1:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):

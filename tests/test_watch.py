@@ -72,6 +72,12 @@ def test_watch_merges_only_when_the_set_changes(watched, micro_zoo, capsys, monk
     assert sorted(int(v.version) for v in versions) == [1, 2]
     _assert_secret_nowhere(client(), [v.run_id for v in versions])
 
+    # A registered model is a source too: one checkpoint per version.
+    from tasks.discover import discover_checkpoints
+
+    found = discover_checkpoints.fn("models:/watched", str(watched["root"] / "cache"))
+    assert [(c.ref, c.identity) for c in found] == [("models:/watched/1", "watched/1"), ("models:/watched/2", "watched/2")]
+
 
 def test_watch_sees_a_checkpoint_updated_in_place(watched, micro_zoo, capsys):
     """Same folder names, new weights: the fingerprint changed, so it merges (after the test above)."""
@@ -101,14 +107,6 @@ def _assert_secret_nowhere(mlflow_client, run_ids):
         assert SECRET not in json.dumps([r.parameters for r in runs], default=str)
         logs = prefect_client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
         assert logs and SECRET not in "\n".join(log.message for log in logs)
-
-
-def test_registry_source_lists_versions(watched):
-    from tasks.discover import discover_checkpoints
-
-    found = discover_checkpoints.fn("models:/watched", str(watched["root"] / "cache"))
-    assert [c.ref for c in found][:2] == ["models:/watched/1", "models:/watched/2"]
-    assert found[0].identity == "watched/1"
 
 
 def test_hub_source_reads_branches_from_the_local_cache(micro_zoo, tmp_path):

@@ -4,10 +4,10 @@
    build (θ_pre + Σ λ_i C_i into a loaded model) and one uncached lm-eval evaluation on the validation split.
    Target: build < 5 % of evaluation.
 2. Search vs fixed λ: every fixed-λ merge of `pcbmerge demo` (its `DEMO_MERGES`, one global λ each) merged and scored on the test split,
-   then `pcbmerge search` (PCB, CMA-ES on the validation split) and its final test score. Target: the
+   then `pcbmerge search` (PCB, release variant by default; CMA-ES on the validation split) and its final test score. Target: the
    search's mean test score beats the best fixed-λ method's.
 
-    .venv/bin/python bench/search_bench.py --size demo --budget 24 --popsize 6
+    .venv/bin/python bench/search_bench.py --size demo --budget 24 --popsize 6 [--variant paper] [--ratio 0.1 0.2]
 
 Writes `results.json` and `results.md` under `--workdir` (default bench/out/search).
 """
@@ -37,7 +37,10 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=24)
     parser.add_argument("--popsize", type=int, default=6)
     parser.add_argument("--sigma0", type=float, default=0.2)
-    parser.add_argument("--ratio", type=float, default=0.1, help="PCB kept fraction for the search")
+    parser.add_argument("--ratio", type=float, nargs="+", default=[0.1], help="PCB kept fraction(s) for the search (several: a grid)")
+    parser.add_argument("--variant", choices=["paper", "release"], default="release", help="PCB variant for the search")
+    parser.add_argument("--bounds", type=float, nargs=2, default=[0.5, 1.5], metavar=("LO", "HI"))
+    parser.add_argument("--tag", default="", help="suffix of the results files (several searches side by side)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="examples per task (validation and test)")
     parser.add_argument("--repeats", type=int, default=5, help="λ vectors timed in part 1")
@@ -63,8 +66,8 @@ def main() -> int:
     print(json.dumps(results["timing"], indent=2), flush=True)
     results["fixed"] = fixed_methods(zoo, work, args)
     results["search"] = search(zoo, work, args)
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (work / "results.md").write_text(markdown(results))
+    (work / f"results{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (work / f"results{args.tag}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 
@@ -80,7 +83,7 @@ def time_candidates(zoo, work: Path, args) -> dict:
     from tasks.search import build_candidate
 
     data = {"merge_method": "pcb", "base_model": str(zoo.base), "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks],
-            "parameters": {"ratio": args.ratio}}
+            "parameters": {"ratio": args.ratio[0]}}
     folder = work / "components-timing"
     started = time.perf_counter()
     compute_components(parse_merge_config(data), folder, device="cpu", overwrite=True)
@@ -150,16 +153,19 @@ def search(zoo, work: Path, args) -> dict:
         "merge_method": "pcb",
         "base_model": str(zoo.base),
         "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks],
-        "parameters": {"ratio": args.ratio, "variant": "paper"},
+        "parameters": {"ratio": args.ratio[0], "variant": args.variant, **({"clip_quantile": 0.01} if args.variant == "release" else {})},
         "evaluation": {"tasks": zoo.tasks, "include_path": str(zoo.task_dir), "split": "test", "limit": args.limit},
-        "search": {"budget": args.budget, "popsize": args.popsize, "sigma0": args.sigma0, "seed": 0, "workers": args.workers},
-        "register_as": f"bench-search-{args.size}",
+        "search": {"budget": args.budget, "popsize": args.popsize, "sigma0": args.sigma0, "seed": 0, "workers": args.workers,
+                   "bounds": args.bounds, **({"ratio": args.ratio} if len(args.ratio) > 1 else {})},
+        "register_as": f"bench-search-{args.size}{args.tag}",
     }, source="bench")
     started = time.perf_counter()
     outcome = run_search(config)
     wall = time.perf_counter() - started
     test_mean = sum(outcome.test_scores.values()) / len(outcome.test_scores)
     return {
+        "settings": {"variant": args.variant, "ratio": args.ratio, "bounds": args.bounds, "budget": args.budget, "popsize": args.popsize},
+        "best_ratio": outcome.ratio,
         "lambdas": outcome.lambdas,
         "best_validation_fitness": outcome.best_fitness,
         "start_validation_fitness": outcome.start_fitness,
@@ -191,7 +197,9 @@ def markdown(results: dict) -> str:
         lines.append(f"| {label} | fixed | {row['validation_mean']:.4f} | {row['test_mean']:.4f} |")
     if found:
         lams = ", ".join(f"{x:.3f}" for x in found["lambdas"])
-        lines.append(f"| pcb + CMA-ES ({found['evaluations']} evaluations, {found['rounds']} rounds) | [{lams}] | "
+        settings = found["settings"]
+        grid = f"ratio {found['best_ratio'] or settings['ratio'][0]}" + (f" of {settings['ratio']}" if len(settings["ratio"]) > 1 else "")
+        lines.append(f"| pcb {settings['variant']} + CMA-ES ({grid}, bounds {settings['bounds']}, {found['evaluations']} evaluations, {found['rounds']} rounds) | [{lams}] | "
                      f"{found['best_validation_fitness']:.4f} | {found['test_mean']:.4f} |")
         best_label = max(fixed, key=lambda k: fixed[k]["test_mean"])
         lines += ["", f"Best fixed-λ method on test: {best_label} ({fixed[best_label]['test_mean']:.4f}); search: "

@@ -145,7 +145,7 @@ def fixed_methods(zoo, work: Path, args) -> dict:
 
 
 def search(zoo, work: Path, args) -> dict:
-    """Part 2b: `pcbmerge search` with PCB (paper variant) on the validation split."""
+    """Part 2b: `pcbmerge search` with PCB (`--variant`) on the validation split."""
     from pcbmerge.commands.search import run_search
     from pcbmerge.search_config import parse_search_config
 

@@ -65,6 +65,7 @@ class EvaluationRecord(BaseModel):
     stage: str
     split: str
     round: int | None = None
+    worker: str | None = None  # host:pid of the process that evaluated a candidate
 
 
 class SearchOutcome(BaseModel):
@@ -217,7 +218,7 @@ def _outcome(states: list[SearchState], best: Candidate, run_id: str, finished: 
         build_seconds=sum(r.build_seconds for r in rounds),
         eval_seconds=sum(r.eval_seconds for r in rounds),
         run_id=run_id,
-        history=[EvaluationRecord(stage="search", split=c.split, round=r.round) for r in rounds for c in r.candidates],
+        history=[EvaluationRecord(stage="search", split=c.split, round=r.round, worker=c.worker) for r in rounds for c in r.candidates],
     )
 
 

@@ -151,6 +151,8 @@ def test_candidates_ran_in_the_dask_workers(dask_search):
     from tasks.track import client
 
     _, outcome = dask_search
+    workers = {e.worker for e in outcome.history if e.stage == "search"}
+    assert None not in workers and not any(w.endswith(f":{os.getpid()}") for w in workers)  # not this process
     children = client().search_runs(
         [client().get_run(outcome.run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'"
     )

@@ -511,7 +511,7 @@ def table(runs: list[Run], compares: dict) -> str:
             wall = fmt(r.best) if r.ok else "failed"
             gbps = fmt(r.input_bytes / r.best) if r.best else "—"
             if r.best:
-                gbps = fmt(r.input_bytes / r.best / 1e9)
+                gbps = fmt(r.input_bytes / r.best / 1e9, ".3f")
             lines.append(
                 f"| {size} | {gb:.2f} | {method} | {tool} | {wall} | {len(r.wall_s)} | {fmt(r.rss / 2**30 if r.rss else None)} | "
                 f"{gbps} | {fmt(ref, '.1f')} | {fmt(ratio, '.3f')} | {fmt(target, '.3f')} | {met or '—'} |"

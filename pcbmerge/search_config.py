@@ -104,8 +104,9 @@ class SearchSettings(BaseModel):
         return self
 
     def identity(self) -> dict[str, Any]:
-        """What decides the search's path (not its length or where it runs): keys its saved state."""
-        return self.model_dump(mode="json", exclude={"budget", "workers", "dask_workers", "dask_address"})
+        """What decides the search's path (not its length, where it runs, or which other ratios the grid
+        holds: each ratio's search is keyed by its own ratio): keys its saved state."""
+        return self.model_dump(mode="json", exclude={"budget", "workers", "dask_workers", "dask_address", "ratio"})
 
 
 class SearchPipelineConfig(PipelineConfig):

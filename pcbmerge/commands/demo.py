@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     # PCB + CMA-ES (issue 5, `pcbmerge search`): per-model λ searched on the validation split.
     from pcbmerge.commands.search import demo_search
 
-    _say(f"[search] pcb + CMA-ES: λ searched on the validation split (elapsed {time.perf_counter() - started:.0f}s)")
+    _say(f"[search] pcb (release) + CMA-ES: λ searched on the validation split (elapsed {time.perf_counter() - started:.0f}s)")
     label, scores, uri, summary = demo_search(zoo, work, args.size, args.limit)
     table[label] = scores
     registered.append(uri)

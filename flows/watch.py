@@ -10,7 +10,8 @@ CONFIG.yml --source DIR --every 1h`, `pcbmerge serve`, or `infra/prefect.yaml`);
 run at a time.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: a served flow is pickled by value into its run process, and
+# pydantic must find the parameter and return classes themselves there, not names to look up.
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field

@@ -92,6 +92,8 @@ def check_port_free(host: str, port: int, what: str) -> None:
     """Refuse a port that something already listens on (or that cannot be bound), naming the holder."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the servers do: a port whose last connections linger in TIME_WAIT is free; a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

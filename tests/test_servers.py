@@ -31,7 +31,9 @@ def servers(tmp_path_factory):
     argv = ["up", "--workdir", str(workdir), "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()), "--json"]
     out = io.StringIO()
     started = time.monotonic()
-    with contextlib.redirect_stdout(out):
+    # The scheduler looks for due schedules every 5 s instead of 60 s, so the schedule test is quick.
+    with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
         assert main(argv) == 0
     info = json.loads(out.getvalue())
     info["startup_seconds"] = time.monotonic() - started
@@ -219,3 +221,24 @@ def test_served_deployment_runs_from_the_api_and_logs_to_the_mlflow_server(serve
     assert SECRET not in json.dumps({**runs[0].data.params, **runs[0].data.tags, "parameters": run["parameters"]})
     logs = _api("POST", f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})
     assert logs and SECRET not in "\n".join(entry["message"] for entry in logs)
+
+
+def test_a_scheduled_deployment_gets_its_runs(servers, tmp_path):
+    """The server's scheduler creates the runs of an interval schedule (SQLAlchemy 2.1 broke this silently)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.watch import watch_flow
+    from pcbmerge.pipeline_config import PipelineConfig
+    from pcbmerge.watch_config import WatchConfig
+
+    api = servers["info"]["PREFECT_API_URL"]
+    watch = WatchConfig(source=str(tmp_path), pipeline=PipelineConfig(merge_method="linear", register_as="scheduled"))
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        deployment_id = watch_flow.to_deployment(name="scheduled", interval=3600, parameters={"config": watch.model_dump(mode="json")}).apply()
+
+    def scheduled_runs():
+        runs = _api("POST", f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [str(deployment_id)]}}})
+        return [r for r in runs if r["state"]["type"] == "SCHEDULED"]
+
+    runs = _wait(scheduled_runs, 120, "the scheduler to create the schedule's runs")
+    assert runs[0]["parameters"]["config"]["pipeline"]["register_as"] == "scheduled"

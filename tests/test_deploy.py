@@ -97,3 +97,22 @@ def test_task_runner_is_chosen_by_settings(monkeypatch):
     assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
     assert task_runner(SearchSettings()).address == "tcp://127.0.0.1:8786"
     assert task_runner(SearchSettings(dask_address="tcp://10.0.0.1:8786")).address == "tcp://10.0.0.1:8786"  # the config wins
+
+
+def test_watch_flow_survives_pickling_by_value(tmp_path):
+    """`pcbmerge watch --every` serves the flow object; Prefect pickles it by value into a fresh process, where
+    pydantic must still know the parameter model (postponed annotations would leave only its name)."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from flows.watch import watch_flow
+
+    (tmp_path / "flow.pkl").write_bytes(cloudpickle.dumps(watch_flow))
+    check = (
+        "import cloudpickle, sys; flow = cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
+        "flow.validate_parameters({'config': {'source': '/tmp', 'pipeline': {'merge_method': 'linear', 'register_as': 'x'}}})"
+    )
+    result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "flow.pkl")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

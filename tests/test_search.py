@@ -251,3 +251,20 @@ def test_layer_groups_split_the_layers_and_build_per_block(tiny_zoo, tmp_path):
         assert torch.allclose(grouped[name], expected[name]), name
     config = parse_search_config(_data(PAPER_ZOO, layer_groups=3))
     assert len(ask_population(new_search_state(config, None, "k", "run"))[1][0]) == 3 * 2
+
+
+def test_layer_grouped_search_writes_and_registers_its_merge(micro_zoo, prefect_harness):
+    """One round with λ per (layer block × model): the final merge is written from the stored components
+    and its lineage records the whole genome."""
+    from pcbmerge.commands.search import run_search
+    from pcbmerge.evaluation import load_model
+    from tasks.track import read_lineage
+
+    data = _data(micro_zoo, layer_groups=2, budget=2, popsize=2)
+    data["register_as"] = "searched-groups"
+    outcome = run_search(parse_search_config(data, source="test"))
+    assert outcome.finished and outcome.evaluations == 2 and len(outcome.lambdas) == 2 * 2
+    model, _ = load_model(outcome.folder)  # a loadable Hugging Face folder
+    assert model.config.num_hidden_layers == 2
+    lineage = read_lineage(outcome.model_uri)
+    assert lineage["lambdas"] == outcome.lambdas and lineage["search"]["layer_groups"] == 2

@@ -5,7 +5,8 @@ form in the Prefect UI). Without a Prefect server it runs in Prefect's ephemeral
 tracking goes where `pcbmerge.settings` says (`sqlite:///$PCBMERGE_HOME/mlflow.db` by default).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: a served flow is pickled by value into its run process, and
+# pydantic must find the parameter and return classes themselves there, not names to look up.
 
 import os
 

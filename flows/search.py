@@ -10,7 +10,8 @@ Run it with `pcbmerge search CONFIG.yml`, or as a deployment (the `SearchPipelin
 as a form in the Prefect UI).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: a served flow is pickled by value into its run process, and
+# pydantic must find the parameter and return classes themselves there, not names to look up.
 
 import json
 import os

@@ -99,20 +99,35 @@ def test_task_runner_is_chosen_by_settings(monkeypatch):
     assert task_runner(SearchSettings(dask_address="tcp://10.0.0.1:8786")).address == "tcp://10.0.0.1:8786"  # the config wins
 
 
-def test_watch_flow_survives_pickling_by_value(tmp_path):
-    """`pcbmerge watch --every` serves the flow object; Prefect pickles it by value into a fresh process, where
-    pydantic must still know the parameter model (postponed annotations would leave only its name)."""
+PIPELINE_PARAMETERS = {"merge_method": "linear", "base_model": "/tmp", "models": [{"model": "a"}], "register_as": "x"}
+
+
+@pytest.mark.parametrize(
+    "module, name, parameters",
+    [
+        ("flows.watch", "watch_flow", {"config": {"source": "/tmp", "pipeline": {"merge_method": "linear", "register_as": "x"}}}),
+        ("flows.merge", "merge_flow", {"config": PIPELINE_PARAMETERS}),
+        ("flows.search", "search_flow", {"config": {**PIPELINE_PARAMETERS, "evaluation": {"tasks": ["t"]}}, "resume": True}),
+    ],
+)
+def test_served_flow_survives_pickling_by_value(module, name, parameters, tmp_path):
+    """`pcbmerge serve` and `pcbmerge watch --every` serve flow objects; Prefect pickles each by value into a
+    fresh process, where pydantic must still know the parameter model (postponed annotations would leave
+    only its name)."""
+    import importlib
+    import json
     import subprocess
     import sys
 
     import cloudpickle
 
-    from flows.watch import watch_flow
-
-    (tmp_path / "flow.pkl").write_bytes(cloudpickle.dumps(watch_flow))
+    flow = getattr(importlib.import_module(module), name)
+    (tmp_path / "flow.pkl").write_bytes(cloudpickle.dumps(flow))
     check = (
-        "import cloudpickle, sys; flow = cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
-        "flow.validate_parameters({'config': {'source': '/tmp', 'pipeline': {'merge_method': 'linear', 'register_as': 'x'}}})"
+        "import cloudpickle, json, sys; flow = cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
+        "flow.validate_parameters(json.loads(sys.argv[2]))"
     )
-    result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "flow.pkl")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "flow.pkl"), json.dumps(parameters)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]

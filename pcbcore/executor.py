@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 # Entries per model in one block. Part of DARE's mask definition (masks are drawn per block), so fixed.
 BLOCK_ELEMENTS = 1 << 24
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# Columns sampled from a multi-block scope to bracket its order statistics (`pcbcore.stats`), the most
+# rows read per tensor for it, and the size under which a tensor is sampled from a whole read.
+SCOPE_SAMPLE = 1 << 18
+SAMPLE_ROWS = 256
+SMALL_TENSOR = 1 << 20
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -128,6 +134,27 @@ class BlockLoader:
         self._last = (key, (base, task_vectors))
         return base, task_vectors
 
+    def sample(self, scope: list[TensorInfo], entries: int) -> torch.Tensor:
+        """About `entries` task-vector columns (n, s) drawn from the whole scope, each tensor in proportion to
+        its size: up to SAMPLE_ROWS random rows of it, random columns in those rows. Seeded by tensor name,
+        though no result depends on the sample (it only guesses where an order statistic lies)."""
+        total = max(sum(t.numel for t in scope), 1)
+        parts = []
+        for info in scope:
+            want = min(info.numel, max(1, round(entries * info.numel / total)))
+            generator = torch.Generator().manual_seed(zlib.crc32(info.name.encode()))
+            if len(info.shape) <= 1 or info.numel <= SMALL_TENSOR:
+                row_blocks = [None]
+            else:
+                picked = torch.randperm(info.shape[0], generator=generator)[: min(info.shape[0], want, SAMPLE_ROWS)]
+                row_blocks = [(r, r + 1) for r in sorted(picked.tolist())]
+            per_block = -(-want // len(row_blocks))
+            for rows in row_blocks:
+                base = self._read(self.inputs.base, info.name, rows)
+                columns = torch.randperm(base.numel(), generator=generator)[:per_block].to(self.device)
+                parts.append(torch.stack([self._read(reader, info.name, rows)[columns] for reader in self.inputs.models]) - base[columns])
+        return torch.cat(parts, dim=1)
+
 
 def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoader, progress: Progress | None = None) -> Stats:
     """Run the method's stages over `scope`, one pass per stage, and return the finished statistics."""
@@ -135,8 +162,16 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
     numel = sum(t.numel for t in scope)
     stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
     single = len(scope) == 1 and len(blocks_of(scope[0])) == 1
-    for k, stage in enumerate(stages):
+    if not single and any(stage.start is not None for stage in stages):
+        stats["sample"] = loader.sample(scope, SCOPE_SAMPLE)
+    planned, run = sum(stage.needed is None for stage in stages) + 1, 0
+    for stage in stages:
+        if stage.needed is not None and not stage.needed(stats):
+            continue
+        run += 1
         shortcut = single and stage.whole is not None
+        if stage.start is not None and not shortcut:
+            stage.start(stats)
         totals: Stats = {}
         for done, info in enumerate(scope, 1):
             for block, rows in blocks_of(info):
@@ -145,12 +180,13 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
                     if not (shortcut and key in stage.replaces):
                         totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
             if progress and len(scope) > 1:
-                progress(f"pass {k + 1}/{len(stages) + 1}", done, len(scope))
+                progress(f"pass {run}/{max(planned, run + 1)}", done, len(scope))
         stats.update(totals)
         if shortcut:
             stage.whole(task_vectors, stats, block)
         elif stage.finish is not None:
             stage.finish(stats)
+    stats.pop("sample", None)
     return stats
 
 
@@ -170,7 +206,9 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
 
 
 def _passes(config: MergeConfig) -> int:
-    return len(config.method.stages(config.params, list(config.model_params))) + 1
+    """Passes over a model scope: one per stage that always runs, plus the final one (a selection whose
+    bracket misses adds two)."""
+    return sum(stage.needed is None for stage in config.method.stages(config.params, list(config.model_params))) + 1
 
 
 def _block_shape(info: TensorInfo, rows) -> tuple[int, ...]:

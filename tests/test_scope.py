@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pcbcore.executor as executor
+import pcbcore.stats as stats
 from pcbcore.checkpoint import CheckpointReader
 from pcbcore.config import parse_merge_config
 
@@ -84,11 +85,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("selection", ["bracket", "radix"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_model_scope_streamed_equals_dense_flattened_reference(case, tiny_zoo, tmp_path, monkeypatch, device):
+def test_model_scope_streamed_equals_dense_flattened_reference(case, selection, tiny_zoo, tmp_path, monkeypatch, device):
     params, reference = CASES[case]
     base, models = tiny_zoo
     monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 96)  # every tensor is split into several blocks
+    if selection == "radix":  # the bracket may hold nothing: every order statistic falls back to radix select
+        monkeypatch.setattr(stats, "MAX_HELD", 0)
+    else:  # a sample far smaller than the scope, so the bracket is a real guess
+        monkeypatch.setattr(executor, "SCOPE_SAMPLE", 64)
     method = "pcb" if case.startswith("pcb") else "ties"
     config = parse_merge_config({"merge_method": method, "base_model": str(base), "models": [{"model": str(m)} for m in models], "parameters": params})
     executor.merge_to_folder(config, tmp_path / "out", device=device)
@@ -110,3 +116,16 @@ def test_tensor_scope_differs_from_model_scope(tiny_zoo, tmp_path):
         outs[scope] = CheckpointReader(tmp_path / scope)
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.allclose(outs["tensor"].read(name), outs["model"].read(name))
+
+
+@pytest.mark.parametrize("miss", [False, True])
+def test_in_memory_selection_equals_kthvalue(monkeypatch, miss):
+    """Rows long enough for the sampled bracket, full of ties (bf16 values), with ranks near both ends."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, stats.SMALL_BLOCK * 2 + 17, generator=generator).to(torch.bfloat16).float()
+    x[1] = x[1].abs()
+    ranks = [0, int(0.8 * x.shape[1]), x.shape[1] - 1]
+    if miss:  # bounds that exclude every rank: the fallback must still be exact
+        monkeypatch.setattr(stats, "bracket_bounds", lambda sample, ranks, numel: (torch.full((3,), 10.0), torch.full((3,), 11.0)))
+    expected = torch.stack([torch.kthvalue(x[i], k + 1).values for i, k in enumerate(ranks)])
+    assert torch.equal(stats.select_in_memory(x, ranks), expected)

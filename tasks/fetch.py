@@ -9,7 +9,8 @@ A reference is one of
 
 The fingerprint is a sha256 over the sha256 of every weight and JSON file at the folder's top level.
 Hashing gigabytes on every run would be slow, so each file's digest is stored beside the cache and reused
-while the file's size and mtime are unchanged.
+while the file's size, mtime, ctime and inode are unchanged; the fetch of a local folder is cached on the
+same signatures and on the reference as written.
 
 Only transient errors (a dropped connection, a 5xx from the Hub or the tracking server,
 `TransientFetchError`) are retried; a reference that resolves to nothing fails at once, naming it.
@@ -74,14 +75,6 @@ class Resolved:
     folder: Path
     revision: str | None = None
     registered: RegisteredModel | None = None
-
-    @property
-    def label(self) -> str:
-        """A short name for tables and metrics: the folder or repo name, or NAME-vVERSION."""
-        if self.registered:
-            return f"{self.registered.name}-v{self.registered.version}"
-        tail = self.ref.rstrip("/").split("@")[0].rsplit("/", 1)[-1]
-        return re.sub(r"[^\w.-]", "_", tail) or "model"
 
 
 @dataclass(frozen=True)
@@ -153,13 +146,15 @@ def _retry_transient(task, task_run, state) -> bool:
 
 
 def _fetch_cache_key(context, parameters) -> str | None:
-    """Local folders and registered versions are keyed on the files' sizes and mtimes (cheap to check);
-    Hub refs and aliases may move, so they are resolved every time (from the Hub cache when offline)."""
+    """A local folder is keyed on the reference as written (the result names it, and the flows look their
+    inputs up by it), the folder it resolves to, and every content file's stat signature (cheap to read).
+    Hub refs and models:/ URIs may move (a branch, an alias), so they are resolved every time (from the
+    Hub cache when offline)."""
     ref = parameters["ref"]
     folder = Path(ref).expanduser()
     if ref.startswith("models:/") or not folder.is_dir():
         return None
-    return "fetch-" + hashlib.sha256(json.dumps([str(folder.resolve()), _stat_signature(folder)]).encode()).hexdigest()
+    return "fetch-" + hashlib.sha256(json.dumps([ref, str(folder.resolve()), _stat_signature(folder)]).encode()).hexdigest()
 
 
 @task(
@@ -214,18 +209,25 @@ def _content_files(folder: Path) -> list[Path]:
 
 
 def _stat_signature(folder: Path) -> list:
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _content_files(folder)]
+    return [(p.name, _file_signature(p.resolve())) for p in _content_files(folder)]
+
+
+def _file_signature(real: Path) -> dict:
+    """What changes whenever a file's bytes may have: size and mtime, and also inode and ctime, since a copy
+    that keeps time stamps (`cp -p`, `rsync -a`, `tar x`) can put other bytes of the same size under the
+    same mtime, while any write or replacement sets the ctime (which no tool can set back)."""
+    stat = real.stat()
+    return {"path": str(real), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
 
 
 _digest_lock = threading.Lock()
 
 
 def file_digest(path: Path, digest_dir: Path) -> str:
-    """sha256 of a file, reusing the stored digest while its size and mtime are unchanged."""
+    """sha256 of a file, reusing the stored digest while its signature (size, mtime, ctime, inode) is unchanged."""
     real = path.resolve()
-    stat = real.stat()
     record = digest_dir / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
-    signature = {"path": str(real), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    signature = _file_signature(real)
     if record.is_file():
         try:
             stored = json.loads(record.read_text())

@@ -248,21 +248,24 @@ def model_version(uri: str):
 
 
 def download_registered_model(uri: str, dest_root: Path) -> tuple[str, str, Path]:
-    """Download a registered version's files once into `dest_root/NAME/VERSION`; returns (name, version, folder)."""
+    """Download a registered version's files once into `dest_root/NAME/VERSION`; returns (name, version, folder).
+
+    The download is reused only while that version still names the same logged model: a registered model
+    deleted and made again, or another tracking store, numbers its versions from 1 again."""
     from mlflow.artifacts import download_artifacts
 
     version = model_version(uri)
     name, number = version.name, str(version.version)
-    target = dest_root / name / number
-    if (target / ".complete").is_file():
-        return name, number, target
     model_id = getattr(version, "model_id", None) or version.source.removeprefix("models:/")
+    target = dest_root / name / number
+    if (target / ".complete").is_file() and (target / ".complete").read_text().strip() == model_id:
+        return name, number, target
     location = client().get_logged_model(model_id).artifact_location
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{number}.", dir=target.parent))
     try:
         local = Path(download_artifacts(artifact_uri=location, dst_path=str(tmp)))  # tmp/<last part of location>
-        (local / ".complete").write_text(uri + "\n")
+        (local / ".complete").write_text(model_id + "\n")
         if target.exists():
             shutil.rmtree(target)
         local.rename(target)

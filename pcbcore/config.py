@@ -58,18 +58,19 @@ class ModelEntry(BaseModel):
 
 
 class RawMergeConfig(BaseModel):
-    """The YAML as written, before the method's parameters are checked."""
+    """The YAML as written, before the method's parameters are checked. The pipeline's config extends it,
+    so its field descriptions are also that form's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    merge_method: str
-    base_model: str | None = None
-    models: list[ModelEntry] = Field(default_factory=list)
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
-    tokenizer_source: str | None = None
-    allow_pickle: bool = False
-    name: str | None = None
+    merge_method: str = Field(description="linear | task_arithmetic | ties | dare_linear | dare_ties | pcb")
+    base_model: str | None = Field(default=None, description="the pre-trained checkpoint: a folder (or, in the pipeline, org/name@rev on the Hub, or models:/NAME/VERSION)")
+    models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
+    dtype: str | None = Field(default=None, description="dtype to read the inputs in (default: as stored)")
+    out_dtype: str | None = Field(default=None, description="dtype of the merged weights (default: the inputs' dtype)")
+    tokenizer_source: str | None = Field(default=None, description="where the tokenizer comes from (default: the base)")
+    allow_pickle: bool = Field(default=False, description="accept pickle checkpoints (loaded with weights_only=True)")
+    name: str | None = Field(default=None, description="a name for the merge")
 
 
 class MergeConfig(BaseModel):
@@ -120,7 +121,8 @@ class MergeConfig(BaseModel):
         }
 
 
-def _sentence(source: str, where: str, err: dict) -> str:
+def error_sentence(source: str, where: str, err: dict) -> str:
+    """One sentence for one pydantic error: `source`, the key at fault (under `where`), what is wrong."""
     loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
     key = f"{where}.{loc}" if where and loc else (where or loc)
     msg = err.get("msg", "is invalid").removeprefix("Value error, ")
@@ -138,7 +140,7 @@ def _validate(model: type[BaseModel], data: dict, source: str, where: str, allow
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        sentence = _sentence(source, where, err)
+        sentence = error_sentence(source, where, err)
         if err.get("type") == "extra_forbidden" and allowed is not None:
             sentence += f"; allowed keys are {sorted(allowed)}"
         raise MergeInputError(sentence) from None
@@ -215,12 +217,16 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     )
 
 
-def load_merge_config(path: str | Path) -> MergeConfig:
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path`, or `MergeInputError` naming the file when it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise MergeInputError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise MergeInputError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_merge_config(data, source=str(path))
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    return parse_merge_config(read_yaml(path), source=str(path))

@@ -25,13 +25,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pcbcore.config import MergeConfig, ModelEntry, parse_merge_config
+from pcbcore.config import MergeConfig, RawMergeConfig, error_sentence, parse_merge_config, read_yaml
 from pcbcore.errors import MergeInputError
 
-MERGE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "allow_pickle", "name")
+MERGE_KEYS = tuple(RawMergeConfig.model_fields)
 
 
 class EvaluationConfig(BaseModel):
@@ -47,21 +46,12 @@ class EvaluationConfig(BaseModel):
     batch_size: int = Field(default=16, gt=0, description="lm-eval batch size")
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(RawMergeConfig):
     """One merge run: what to merge and how (mergekit keys), how to score it, where to register it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    merge_method: str = Field(description="linear | task_arithmetic | ties | dare_linear | dare_ties | pcb")
-    base_model: str | None = Field(default=None, description="the pre-trained checkpoint: a folder, org/name@rev on the Hub, or models:/NAME/VERSION")
-    models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
-    dtype: str | None = Field(default=None, description="dtype to read the inputs in (default: as stored)")
-    out_dtype: str | None = Field(default=None, description="dtype of the merged weights (default: the inputs' dtype)")
-    tokenizer_source: str | None = Field(default=None, description="where the tokenizer comes from (default: the base)")
-    allow_pickle: bool = Field(default=False, description="accept pickle checkpoints (loaded with weights_only=True)")
     name: str | None = Field(default=None, description="a name for the MLflow run (default: register_as or the method)")
-
     evaluation: EvaluationConfig | None = Field(default=None, description="lm-eval tasks that score the merge (optional)")
     register_as: str | None = Field(default=None, description="MLflow registered model name")
     experiment: str = Field(default="pcbmerge", description="MLflow experiment name")
@@ -104,30 +94,23 @@ def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
     except ValidationError as exc:
         # A misspelt key usually also leaves a required one missing: name the misspelling first.
         err = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")[0]
-        key = ".".join(str(p) for p in err.get("loc", ()))
+        sentence = error_sentence(source, "", err)
         if err.get("type") == "extra_forbidden":
-            allowed = sorted(PipelineConfig.model_fields) if "." not in key else sorted(EvaluationConfig.model_fields)
-            raise MergeInputError(f"{source}: unknown key '{key}'; allowed keys are {allowed}") from None
-        if err.get("type") == "missing":
-            raise MergeInputError(f"{source}: key '{key}' is required") from None
-        given = err.get("input")
-        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
-        raise MergeInputError(f"{source}: key '{key}': {err.get('msg', 'is invalid').removeprefix('Value error, ')}{shown}") from None
+            nested = len(err.get("loc", ())) > 1
+            sentence += f"; allowed keys are {sorted((EvaluationConfig if nested else PipelineConfig).model_fields)}"
+        raise MergeInputError(sentence) from None
     return config
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML; relative local model paths resolve against the YAML's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise MergeInputError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MergeInputError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if isinstance(data, dict):
-        data = _anchor_local_paths(data, path.parent.resolve())
-    return parse_pipeline_config(data, source=str(path))
+    return parse_pipeline_config(read_config_yaml(path), source=str(path))
+
+
+def read_config_yaml(path: str | Path) -> Any:
+    """A pipeline, search or watch YAML as data, its relative local model paths resolved against its folder."""
+    data = read_yaml(path)
+    return _anchor_local_paths(data, Path(path).parent.resolve()) if isinstance(data, dict) else data
 
 
 def _anchor_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:

@@ -34,11 +34,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.pipeline_config import PipelineConfig, _anchor_local_paths, parse_pipeline_config
+from pcbmerge.pipeline_config import PipelineConfig, parse_pipeline_config, read_config_yaml
 
 
 class SearchSettings(BaseModel):
@@ -154,13 +153,4 @@ def parse_search_config(data: Any, source: str = "config") -> SearchPipelineConf
 
 def load_search_config(path: str | Path) -> SearchPipelineConfig:
     """Read and validate a search YAML; relative local model paths resolve against the YAML's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise MergeInputError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MergeInputError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if isinstance(data, dict):
-        data = _anchor_local_paths(data, path.parent.resolve())
-    return parse_search_config(data, source=str(path))
+    return parse_search_config(read_config_yaml(path), source=str(path))

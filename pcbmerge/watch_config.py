@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.pipeline_config import PipelineConfig, _anchor_local_paths, parse_pipeline_config
+from pcbmerge.pipeline_config import PipelineConfig, parse_pipeline_config, read_config_yaml
 from pcbmerge.search_config import SearchSettings, parse_search_config
 
 PLACEHOLDERS = [{"model": "<from the watched source>"}, {"model": "<from the watched source, 2>"}]
@@ -35,16 +34,9 @@ class WatchConfig(BaseModel):
 
 def load_watch_config(path: str | Path, source: str) -> WatchConfig:
     """Read a pipeline (or search) YAML for watching `source`; errors name the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise MergeInputError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MergeInputError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_config_yaml(path)
     if not isinstance(data, dict):
         raise MergeInputError(f"{path}: a pipeline config must be a YAML mapping with 'merge_method' and 'base_model'")
-    data = _anchor_local_paths(data, path.parent.resolve())
     listed = data.get("models") or []
     checked = {**data, "models": listed if len(listed) >= 2 else PLACEHOLDERS}
     search = None

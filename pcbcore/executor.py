@@ -31,7 +31,7 @@ from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
 from pcbcore.methods import combine, lambdas_of
-from pcbcore.stats import Block, Stats, combine_partial
+from pcbcore.stats import Block, Stats, combine_partial, sample_columns
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ class BlockLoader:
             if len(info.shape) <= 1 or info.numel <= SMALL_TENSOR:
                 row_blocks = [None]
             else:
-                picked = torch.randperm(info.shape[0], generator=generator)[: min(info.shape[0], want, SAMPLE_ROWS)]
-                row_blocks = [(r, r + 1) for r in sorted(picked.tolist())]
+                picked = sample_columns(info.shape[0], min(want, SAMPLE_ROWS), torch.device("cpu"), generator)
+                row_blocks = [(r, r + 1) for r in sorted(set(picked.tolist()))]
             per_block = -(-want // len(row_blocks))
             for rows in row_blocks:
                 base = self._read(self.inputs.base, info.name, rows)
-                columns = torch.randperm(base.numel(), generator=generator)[:per_block].to(self.device)
+                columns = sample_columns(base.numel(), per_block, self.device, generator)
                 parts.append(torch.stack([self._read(reader, info.name, rows)[columns] for reader in self.inputs.models]) - base[columns])
         return torch.cat(parts, dim=1)
 
@@ -205,6 +205,27 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
             progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
 
 
+def merged_blocks(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor]]:
+    """Yield (tensor, rows, θ_pre + Σ λ_i C_i as float32 (m,)) for every block of every merged tensor.
+
+    For a method whose components are fixed multiples of the task vectors (C_i = s_i τ_i: linear, task
+    arithmetic), s_i is folded into λ_i and the task vectors are combined directly, with no components built.
+    """
+    lambdas = lambdas_of(list(config.model_params))
+    if config.method.scales is None:
+        for info, rows, base, components in stream_components(config, loader, progress):
+            yield info, rows, combine(base, components, lambdas)
+        return
+    coefficients = lambdas * torch.tensor(config.method.scales(config.params, list(config.model_params)), dtype=torch.float32)
+    merged = loader.inputs.merged
+    for k, info in enumerate(merged):
+        for block, rows in blocks_of(info):
+            base, task_vectors = loader.load(block, rows)
+            yield info, rows, combine(base, task_vectors, coefficients)
+        if progress:
+            progress("merge", k + 1, len(merged))
+
+
 def _passes(config: MergeConfig) -> int:
     """Passes over a model scope: one per stage that always runs, plus the final one (a selection whose
     bracket misses adds two)."""
@@ -250,10 +271,9 @@ def merge_to_folder(
             plan = [(t.name, config.out_dtype or t.dtype, t.shape) for t in inputs.merged]
             plan += [(t.name, t.dtype, t.shape) for t in inputs.passthrough]
             writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"merged_by": "pcbmerge", "merge_method": config.method_name})
-            lambdas = lambdas_of(list(config.model_params))
             loader = BlockLoader(inputs, dev)
-            for info, rows, base, components in stream_components(config, loader, progress):
-                writer.write(info.name, combine(base, components, lambdas).reshape(_block_shape(info, rows)))
+            for info, rows, merged in merged_blocks(config, loader, progress):
+                writer.write(info.name, merged.reshape(_block_shape(info, rows)))
             for info in inputs.passthrough:
                 writer.write(info.name, inputs.base.read(info.name))
             writer.close()
@@ -405,11 +425,9 @@ def merge_state_dicts(config: MergeConfig, base: dict[str, torch.Tensor], models
     inputs = MergeInputs(base_reader, readers, [], [])
     for info in base_reader.tensors.values():
         (inputs.merged if info.dtype.is_floating_point else inputs.passthrough).append(info)
-    lambdas = lambdas_of(list(config.model_params))
     out: dict[str, list[torch.Tensor]] = {}
-    for info, rows, base_block, components in stream_components(config, BlockLoader(inputs, resolve_device(device))):
-        merged = combine(base_block, components, lambdas).reshape(_block_shape(info, rows))
-        out.setdefault(info.name, []).append(merged.to(config.out_dtype or info.dtype))
+    for info, rows, merged in merged_blocks(config, BlockLoader(inputs, resolve_device(device))):
+        out.setdefault(info.name, []).append(merged.reshape(_block_shape(info, rows)).to(config.out_dtype or info.dtype))
     result = {name: torch.cat(blocks) if len(blocks) > 1 else blocks[0] for name, blocks in out.items()}
     result.update({info.name: base[info.name] for info in inputs.passthrough})
     return result

@@ -72,15 +72,14 @@ def combine_partial(op: str, acc, part):
         return torch.minimum(acc, part)
     if op == "max":
         return torch.maximum(acc, part)
+    if op == "minmax":  # partials (2, ...): minima, then maxima
+        return torch.stack([torch.minimum(acc[0], part[0]), torch.maximum(acc[1], part[1])])
     raise ValueError(f"unknown reduction {op!r}")
 
 
-def row_min(x: torch.Tensor) -> torch.Tensor:
-    return x.amin(dim=-1)
-
-
-def row_max(x: torch.Tensor) -> torch.Tensor:
-    return x.amax(dim=-1)
+def row_minmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-row minima and maxima, (2, rows): the partial of a "minmax" reduction."""
+    return torch.stack(torch.aminmax(x, dim=-1))
 
 
 def row_sum64(x: torch.Tensor) -> torch.Tensor:
@@ -88,19 +87,39 @@ def row_sum64(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-1, dtype=torch.float64)
 
 
-def min_max_norm(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(x − lo) / (hi − lo) per row, defined as 0 where hi = lo. `lo`, `hi`: (rows,) broadcast over entries."""
-    lo = lo.to(x.dtype).unsqueeze(-1)
-    span = (hi.to(x.dtype).unsqueeze(-1) - lo)
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (x - lo) / safe, torch.zeros_like(x))
+def norm_map(lo: torch.Tensor, hi: torch.Tensor, top: bool = False, gain: float = 1.0) -> tuple[list[float], list[float]]:
+    """Per row, (offset, factor) with (x − offset)·factor = gain·Norm(x), Norm(x) = (x − lo)/(hi − lo) and 0
+    where hi = lo; with `top`, gain·(Norm(x) − 1) instead (offset hi; 0, not −gain, where hi = lo).
+
+    Subtracting first makes Norm exactly 0 at lo (and Norm − 1 exactly 0 at hi). As Python floats, so
+    that a hot loop applies them in place (`sub_`, `mul_`) with no broadcast tensors.
+    """
+    lo64, hi64 = lo.double().cpu(), hi.double().cpu()
+    span = hi64 - lo64
+    factor = torch.where(span > 0, gain / torch.where(span > 0, span, 1.0), 0.0)
+    return (hi64 if top else lo64).tolist(), factor.tolist()
+
+
+def apply_map_(x: torch.Tensor, offsets: list[float], factors: list[float]) -> torch.Tensor:
+    """x[i] ← (x[i] − offsets[i])·factors[i] for every row, in place."""
+    for i in range(x.shape[0]):
+        x[i].sub_(offsets[i]).mul_(factors[i])
+    return x
+
+
+def sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x[0] + x[1] + … for a few rows (n, m) → (m,); a chain of adds beats a strided `sum(dim=0)`."""
+    total = x[0].clone()
+    for row in x[1:]:
+        total += row
+    return total
 
 
 # ---------------------------------------------------------------- order statistics
 
 
 # Entries per row of the sample that brackets a rank (see `kth_smallest_stages`).
-SAMPLE_ENTRIES = 1 << 16
+SAMPLE_ENTRIES = 1 << 14
 # Entries per row held between the bracket's bounds, over the whole scope, before giving up on the bracket.
 MAX_HELD = 1 << 25
 # A single block smaller than this is selected with `torch.kthvalue` directly.
@@ -139,10 +158,12 @@ def _locate(counts: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, to
     return bucket, ranks - before
 
 
-def sample_columns(m: int, count: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """`count` distinct column indices out of m, drawn with a fixed seed (the result never depends on them)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(m, generator=generator)[:count].to(device)
+def sample_columns(m: int, count: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`count` column indices drawn from m with replacement, seeded (no result depends on them), or all m
+    when that is fewer."""
+    if m <= count:
+        return torch.arange(m, device=device)
+    return torch.randint(0, m, (count,), generator=generator or torch.Generator().manual_seed(0)).to(device)
 
 
 def bracket_bounds(sample: torch.Tensor, ranks: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,27 +198,29 @@ def select_in_memory(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     m = x.shape[-1]
     if m < SMALL_BLOCK:
         return torch.stack([torch.kthvalue(x[i], int(k) + 1).values for i, k in enumerate(ranks)])
-    sample = x[:, sample_columns(m, SAMPLE_ENTRIES, x.device)]
-    lo, hi = bracket_bounds(sample, torch.tensor(ranks), m)
+    lo, hi = (b.unsqueeze(-1) for b in bracket_bounds(x[:, sample_columns(m, SAMPLE_ENTRIES, x.device)], torch.tensor(ranks), m))
+    below = (x < lo).sum(dim=-1).tolist()
+    inside = (x >= lo) & (x <= hi)
     out = []
     for i, k in enumerate(ranks):
-        row = x[i]
-        below = int((row < lo[i]).sum())
-        inside = row[(row >= lo[i]) & (row <= hi[i])]
-        if below <= k < below + inside.numel():
-            out.append(torch.kthvalue(inside, k - below + 1).values)
+        held = x[i][inside[i]]
+        if below[i] <= k < below[i] + held.numel():
+            out.append(torch.kthvalue(held, k - below[i] + 1).values)
         else:
-            out.append(torch.kthvalue(row, int(k) + 1).values)
+            out.append(torch.kthvalue(x[i], int(k) + 1).values)
     return torch.stack(out)
 
 
-def kth_smallest_stages(prefix: str, values: ReduceFn, ranks: Callable[[Stats], torch.Tensor], then: Callable[[Stats], None] | None = None) -> list[Stage]:
+def kth_smallest_stages(
+    prefix: str, values: ReduceFn, ranks: Callable[[Stats], torch.Tensor], then: Callable[[Stats], None] | None = None, with_max: bool = False
+) -> list[Stage]:
     """Stages that leave in `stats[prefix]` the per-row value of ascending 0-based rank `ranks(stats)`.
 
     `values(task_vectors, stats, block)` gives the (rows, m) float values whose order statistic is wanted;
     it must act on each column of the task vectors alone (so it can be evaluated on a sample of columns).
     `ranks` gives an int64 tensor (rows,) of ranks and is read after the previous stages have finished.
-    `then` runs once the value is known.
+    `then` runs once the value is known. With `with_max`, the per-row maximum of the values is left in
+    `stats[prefix + '/max']` too.
 
     One pass usually suffices: bounds from the scope's column sample (`stats['sample']`, drawn by the
     executor) bracket the rank; the pass counts the entries under the lower bound and keeps those between
@@ -231,11 +254,13 @@ def kth_smallest_stages(prefix: str, values: ReduceFn, ranks: Callable[[Stats], 
         if stats[held_key] + int(count.max()) <= MAX_HELD:
             stats[held_key] += int(count.max())
             kept = [x[i][inside[i]] for i in range(x.shape[0])]
-        return below, count, kept
+        return below, count, kept, x.amax(dim=-1) if with_max else None
 
     def resolve(stats: Stats) -> None:
         parts = stats.pop(f"{prefix}/bracket")
         stats.pop(bounds_key), stats.pop(held_key)
+        if with_max:
+            stats[f"{prefix}/max"] = torch.stack([p[3] for p in parts]).amax(dim=0)
         wanted = ranks(stats)
         below = sum(p[0] for p in parts)
         count = sum(p[1] for p in parts)
@@ -257,6 +282,8 @@ def kth_smallest_stages(prefix: str, values: ReduceFn, ranks: Callable[[Stats], 
     def select_whole(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
         x = values(task_vectors, stats, block)
         stats[f"{prefix}/values"] = x  # the block's values, for a components step that wants them again
+        if with_max:
+            stats[f"{prefix}/max"] = x.amax(dim=-1)
         finish_with(stats, select_in_memory(x, ranks(stats).tolist()))
 
     # -- the radix fallback, only for rows the bracket missed

@@ -129,3 +129,4 @@ def test_in_memory_selection_equals_kthvalue(monkeypatch, miss):
         monkeypatch.setattr(stats, "bracket_bounds", lambda sample, ranks, numel: (torch.full((3,), 10.0), torch.full((3,), 11.0)))
     expected = torch.stack([torch.kthvalue(x[i], k + 1).values for i, k in enumerate(ranks)])
     assert torch.equal(stats.select_in_memory(x, ranks), expected)
+

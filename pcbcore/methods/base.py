@@ -51,6 +51,8 @@ class SparseModelParams(WeightedModelParams):
 
 ComponentsFn = Callable[[torch.Tensor, Stats, FrozenModel, list, Block], torch.Tensor]
 StagesFn = Callable[[FrozenModel, list], list[Stage]]
+# For methods whose components are fixed multiples of the task vectors, C_i = s_i·τ_i: the s_i.
+ScalesFn = Callable[[FrozenModel, list], list[float]]
 
 
 def no_stages(params: FrozenModel, model_params: list) -> list[Stage]:
@@ -67,6 +69,8 @@ class MergeMethod:
     # linear averages the base too when the config lists it among the models (as mergekit does);
     # task-vector methods drop it, its task vector being zero.
     base_may_be_a_model: bool = False
+    # When set, a merge folds s_i into λ_i and combines the task vectors directly (no components built).
+    scales: ScalesFn | None = None
 
     def scope(self, params: FrozenModel) -> Scope:
         return getattr(params, "scope", "tensor")
@@ -84,4 +88,8 @@ def combine(base: torch.Tensor, components: torch.Tensor, lambdas: torch.Tensor)
 
 def per_model(model_params: list, key: str, like: torch.Tensor) -> torch.Tensor:
     """A per-model value as a column (n, 1) on `like`'s device and dtype, to broadcast over entries."""
-    return torch.tensor([getattr(m, key) for m in model_params], dtype=like.dtype, device=like.device).unsqueeze(-1)
+    return per_model_values([getattr(m, key) for m in model_params], like)
+
+
+def per_model_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(-1)

@@ -18,9 +18,9 @@ import hashlib
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, per_model
-from pcbcore.methods.task_arithmetic import weighted_sum_components
-from pcbcore.methods.ties import disjoint_components, sign_majority_stage
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, per_model, per_model_values
+from pcbcore.methods.task_arithmetic import task_arithmetic_scales
+from pcbcore.methods.ties import disjoint_components, sign_majority_stage, weight_rows_
 from pcbcore.stats import Block, Stage, Stats
 
 
@@ -42,14 +42,15 @@ def drop_and_rescale(task_vectors: torch.Tensor, params: DareParams, model_param
             out[i] = task_vectors[i]
             continue
         keep = torch.rand(task_vectors.shape[-1], generator=block_generator(params.seed, i, block)) < m.density
-        kept = torch.where(keep.to(task_vectors.device), task_vectors[i], torch.zeros_like(task_vectors[i]))
-        out[i] = kept / m.density if params.rescale else kept
+        torch.mul(task_vectors[i], keep.to(task_vectors.device), out=out[i])
+        if params.rescale:
+            out[i].div_(m.density)
     return out
 
 
 def dare_linear_components(task_vectors: torch.Tensor, stats: Stats, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
     dropped = drop_and_rescale(task_vectors, params, model_params, block)
-    return weighted_sum_components(dropped, per_model(model_params, "weight", task_vectors), params.normalize)
+    return dropped.mul_(per_model_values(task_arithmetic_scales(params, model_params), task_vectors))
 
 
 def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
@@ -58,7 +59,7 @@ def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
 
 
 def _weighted_dropped(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
-    return drop_and_rescale(task_vectors, params, model_params, block) * per_model(model_params, "weight", task_vectors)
+    return weight_rows_(drop_and_rescale(task_vectors, params, model_params, block), model_params)
 
 
 def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareParams, model_params: list, block: Block) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from pcbcore.methods.base import Block, FrozenModel, MergeMethod, WeightedModelParams, per_model
+from pcbcore.methods.base import Block, FrozenModel, MergeMethod, WeightedModelParams, per_model_values
 
 
 class LinearParams(FrozenModel):
@@ -24,12 +24,16 @@ class LinearParams(FrozenModel):
         return self
 
 
-def linear_components(task_vectors: torch.Tensor, stats, params: LinearParams, model_params: list, block: Block) -> torch.Tensor:
-    weights = per_model(model_params, "weight", task_vectors)  # (n, 1)
-    total = weights.sum()
+def linear_scales(params: LinearParams, model_params: list) -> list[float]:
+    """w_i / Σ_j w_j."""
+    total = sum(m.weight for m in model_params)
     if total == 0:
         raise ValueError("linear merging needs weights whose sum is not zero")
-    return task_vectors * (weights / total)
+    return [m.weight / total for m in model_params]
 
 
-METHOD = MergeMethod("linear", LinearParams, WeightedModelParams, linear_components, base_may_be_a_model=True)
+def linear_components(task_vectors: torch.Tensor, stats, params: LinearParams, model_params: list, block: Block) -> torch.Tensor:
+    return task_vectors * per_model_values(linear_scales(params, model_params), task_vectors)
+
+
+METHOD = MergeMethod("linear", LinearParams, WeightedModelParams, linear_components, base_may_be_a_model=True, scales=linear_scales)

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from pcbcore.methods.base import FrozenModel, Fraction, MergeMethod, ModelParams, Scope
-from pcbcore.stats import Block, Stage, Stats, kth_smallest_stages, min_max_norm, row_max, row_min, row_sum64
+from pcbcore.stats import Block, Stage, Stats, apply_map_, kth_smallest_stages, norm_map, row_minmax, sum_rows
 
 
 class PcbParams(FrozenModel):
@@ -55,66 +55,104 @@ def _drop_rank(params: PcbParams):
     return ranks
 
 
+def pairs(n: int) -> list[tuple[int, int]]:
+    """The unordered pairs i ≤ j: τ_i ⊙ τ_j = τ_j ⊙ τ_i, so each product, its Norm and its softmax are shared."""
+    return [(i, j) for i in range(n) for j in range(i, n)]
+
+
+def pair_products(task_vectors: torch.Tensor, repeat_diagonal: bool = False) -> torch.Tensor:
+    """τ_i ⊙ τ_j for every pair i ≤ j: (P, m), P = n(n+1)/2; then τ_i ⊙ τ_i again for each i if asked."""
+    n, m = task_vectors.shape
+    wanted = pairs(n) + ([(i, i) for i in range(n)] if repeat_diagonal else [])
+    out = torch.empty((len(wanted), m), dtype=task_vectors.dtype, device=task_vectors.device)
+    for p, (i, j) in enumerate(wanted):
+        torch.mul(task_vectors[i], task_vectors[j], out=out[p])
+    return out
+
+
+def softmax_numerators(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """(P + n, m): E_ij = exp(Norm(τ_i ⊙ τ_j) − 1) for every pair i ≤ j (the numerators of β_inter), then
+    exp(n·(Norm(τ_i ⊙ τ_i) − 1)) for each i (those of β_intra).
+
+    Softmax is shift-invariant, so the −1 (the largest Norm) only keeps every exponential ≤ 1 (and where a
+    product is constant over the scope its softmax is uniform whatever the constant). Norm − 1 is applied
+    as one map per row, (x − max)/(max − min) from the scope's extremes, and all exponentials are taken
+    in one call.
+    """
+    return apply_map_(pair_products(task_vectors, repeat_diagonal=True), stats["exp_offsets"], stats["exp_factors"]).exp_()
+
+
 def paper_balance(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    """β_i = β_intra,i ⊙ β_inter,i for one block, from the scope's min/max and softmax normalisers."""
+    """β_i = β_intra,i ⊙ β_inter,i for one block (n, m), from the scope's Norm maps and softmax normalisers."""
     n = task_vectors.shape[0]
-    pair_lo, pair_hi = stats["pair_min"], stats["pair_max"]  # (n, n); the diagonal is τ_i ⊙ τ_i
-    intra_num = torch.exp(n * (min_max_norm(task_vectors**2, pair_lo.diagonal(), pair_hi.diagonal()) - 1.0))
-    intra = intra_num / stats["intra_z"].to(task_vectors.dtype).unsqueeze(-1)
-    inter = torch.zeros_like(task_vectors)
+    numerators = softmax_numerators(task_vectors, stats)
+    index = {pair: p for p, pair in enumerate(pairs(n))}
+    inverse = stats["softmax_inv"]
+    balance = torch.empty_like(task_vectors)
     for i in range(n):
-        products = task_vectors[i] * task_vectors  # (n, m): τ_i ⊙ τ_j for every j
-        softmax_num = torch.exp(min_max_norm(products, pair_lo[i], pair_hi[i]) - 1.0)
-        inter[i] = (softmax_num / stats["inter_z"][i].to(task_vectors.dtype).unsqueeze(-1)).sum(dim=0)
-    return intra * inter
+        row = balance[i]
+        for j in range(n):
+            p = index[(min(i, j), max(i, j))]
+            if j == 0:
+                torch.mul(numerators[p], inverse[p], out=row)
+            else:
+                row.add_(numerators[p], alpha=inverse[p])
+        intra = len(index) + i
+        row.mul_(numerators[intra]).mul_(inverse[intra])
+    return balance
 
 
 def _paper_stages(params: PcbParams, model_params: list) -> list[Stage]:
-    def pair_extreme(reduce):
-        def fn(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-            return torch.stack([reduce(task_vectors[i] * task_vectors) for i in range(task_vectors.shape[0])])
+    def extremes(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
+        return row_minmax(pair_products(task_vectors))
 
-        return fn
+    def norm_maps(stats: Stats) -> None:
+        n = int(stats["n_models"])
+        lo, hi = stats.pop("pair_extremes")
+        diagonal = [p for p, (i, j) in enumerate(pairs(n)) if i == j]
+        inter_offsets, inter_factors = norm_map(lo, hi, top=True)
+        intra_offsets, intra_factors = norm_map(lo[diagonal], hi[diagonal], top=True, gain=float(n))
+        stats["exp_offsets"], stats["exp_factors"] = inter_offsets + intra_offsets, inter_factors + intra_factors
 
-    def intra_sum(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        n = task_vectors.shape[0]
-        lo, hi = stats["pair_min"].diagonal(), stats["pair_max"].diagonal()
-        return row_sum64(torch.exp(n * (min_max_norm(task_vectors**2, lo, hi) - 1.0)))
+    def normalisers(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
+        return softmax_numerators(task_vectors, stats).sum(dim=-1, dtype=torch.float64)
 
-    def inter_sum(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        lo, hi = stats["pair_min"], stats["pair_max"]
-        return torch.stack([row_sum64(torch.exp(min_max_norm(task_vectors[i] * task_vectors, lo[i], hi[i]) - 1.0)) for i in range(task_vectors.shape[0])])
+    def inverses(stats: Stats) -> None:
+        stats["softmax_inv"] = (1.0 / stats.pop("softmax_z")).tolist()
 
     return [
-        Stage({"pair_min": ("min", pair_extreme(row_min)), "pair_max": ("max", pair_extreme(row_max))}),
-        Stage({"intra_z": ("sum", intra_sum), "inter_z": ("sum", inter_sum)}),
+        Stage({"pair_extremes": ("minmax", extremes)}, norm_maps),
+        Stage({"softmax_z": ("sum", normalisers)}, inverses),
         *kth_smallest_stages("drop", lambda task_vectors, stats, block: paper_balance(task_vectors, stats), _drop_rank(params)),
     ]
 
 
 def _paper_components(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    balance = paper_balance(task_vectors, stats)
-    kept = torch.where(balance >= stats["drop"].to(balance.device).unsqueeze(-1), balance, torch.zeros_like(balance))
-    total = kept.sum(dim=0)
-    return torch.where(total > 0, kept * task_vectors / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(task_vectors))
+    balance = stats.pop("drop/values", None)  # this block's β, kept by the selection when the block is the scope
+    if balance is None:
+        balance = paper_balance(task_vectors, stats)
+    kept = balance.mul_(balance >= stats["drop"].to(balance.device).unsqueeze(-1))  # β̂ = m ⊙ β (β > 0)
+    total = sum_rows(kept)
+    total.masked_fill_(total == 0, 1.0)  # where every β̂ is 0 the components are 0 anyway
+    return kept.mul_(task_vectors).div_(total)
 
 
 # ---------------------------------------------------------------- release variant
 
 
 def clip_magnitudes(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    """c_i: |τ_i| clipped to its [rank ⌊aD⌋, rank ⌊(1−a)D⌋−1] values, signs kept."""
+    """|c_i|: |τ_i| clipped to its [rank ⌊aD⌋, rank ⌊(1−a)D⌋−1] values."""
     lo = stats["clip_lo"].to(task_vectors.device).unsqueeze(-1)
     hi = stats["clip_hi"].to(task_vectors.device).unsqueeze(-1)
-    return torch.sign(task_vectors) * torch.minimum(torch.maximum(task_vectors.abs(), lo), hi)
+    return torch.clamp(task_vectors.abs(), lo, hi)
 
 
 def release_scores(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     n = task_vectors.shape[0]
-    magnitude = clip_magnitudes(task_vectors, stats).abs()
-    intra = torch.exp(n * (min_max_norm(magnitude, stats["clip_lo"], stats["clip_hi"]) ** 2 - 1.0))
-    inter = torch.tanh(task_vectors * task_vectors.sum(dim=0, keepdim=True))
-    return intra * inter
+    intra = apply_map_(clip_magnitudes(task_vectors, stats), *stats["clip_norm"])  # Norm(|c_i|)
+    intra.square_().sub_(1.0).mul_(n).exp_()
+    inter = torch.mul(task_vectors, sum_rows(task_vectors)).tanh_()
+    return intra.mul_(inter)
 
 
 def _release_stages(params: PcbParams, model_params: list) -> list[Stage]:
@@ -130,21 +168,27 @@ def _release_stages(params: PcbParams, model_params: list) -> list[Stage]:
         both = stats.pop("clip")
         n = both.shape[0] // 2
         stats["clip_lo"], stats["clip_hi"] = both[:n], both[n:]
+        stats["clip_norm"] = norm_map(stats["clip_lo"], stats["clip_hi"])
 
     def scores(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
         return release_scores(task_vectors, stats)
 
+    def scale_map(stats: Stats) -> None:
+        stats["scale_norm"] = norm_map(stats["drop"], stats["drop/max"])
+
     clip_stages = kth_smallest_stages("clip", lambda task_vectors, stats, block: task_vectors.abs().repeat(2, 1), clip_ranks, then=split_clip)
-    drop_stages = kth_smallest_stages("drop", scores, _drop_rank(params))
-    drop_stages[0].reductions["score_max"] = ("max", lambda task_vectors, stats, block: row_max(scores(task_vectors, stats, block)))
-    return [*clip_stages, *drop_stages]
+    stats_of_scores = kth_smallest_stages("drop", scores, _drop_rank(params), then=scale_map, with_max=True)
+    return [*clip_stages, *stats_of_scores]
 
 
 def _release_components(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    scores = release_scores(task_vectors, stats)
-    floor = stats["drop"].to(scores.device)
-    scale = min_max_norm(torch.maximum(scores, floor.unsqueeze(-1)), floor, stats["score_max"])
-    return scale * clip_magnitudes(task_vectors, stats) / scale.sum(dim=0).clamp(min=1e-12)
+    scores = stats.pop("drop/values", None)
+    if scores is None:
+        scores = release_scores(task_vectors, stats)
+    # scale_i = Norm(max(score_i, its drop value)): 0 at and under the threshold, 1 at the top score
+    scale = apply_map_(torch.maximum(scores, stats["drop"].to(scores.device).unsqueeze(-1)), *stats["scale_norm"])  # exactly 0 at the floor
+    clipped = clip_magnitudes(task_vectors, stats).mul_(torch.sign(task_vectors))
+    return clipped.mul_(scale).div_(sum_rows(scale).clamp_(min=1e-12))
 
 
 # ---------------------------------------------------------------- the method

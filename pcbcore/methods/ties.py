@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, per_model
-from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages
+from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages, sum_rows
 
 
 class TiesParams(MergekitMemoryOption):
@@ -47,10 +47,21 @@ def topk_threshold_stages(model_params: list) -> list[Stage]:
 
 
 def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    """Zero every entry whose magnitude is under its task's cut (all of them where a task keeps none)."""
+    """A new tensor: τ with every entry under its task's cut zeroed (all of them where a task keeps none)."""
+    magnitude = stats.pop("trim/values", None)  # |τ|, kept by the selection when this block is the scope
+    if magnitude is None:
+        magnitude = task_vectors.abs()
     cut = stats["trim"].to(task_vectors.device).unsqueeze(-1)
     cut = torch.where(stats["keep_none"].to(task_vectors.device).unsqueeze(-1), torch.inf, cut)
-    return task_vectors * (task_vectors.abs() >= cut)
+    return task_vectors * (magnitude >= cut)
+
+
+def weight_rows_(x: torch.Tensor, model_params: list) -> torch.Tensor:
+    """x[i] ← w_i·x[i] in place (nothing to do for the common all-ones weights)."""
+    for row, m in zip(x, model_params):
+        if m.weight != 1.0:
+            row.mul_(m.weight)
+    return x
 
 
 def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
@@ -74,35 +85,35 @@ def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
 
 def elect_sign(weighted: torch.Tensor, majority: torch.Tensor | None) -> torch.Tensor:
     """Per entry, the sign of the sum over tasks; the scope's majority sign where that sum is 0."""
-    elected = torch.sign(weighted.sum(dim=0))
+    elected = torch.sign(sum_rows(weighted))
     if majority is None:  # this block is the whole scope
         majority = torch.tensor(-1.0 if elected.sum(dtype=torch.float64) < 0 else 1.0)
-    elected[elected == 0] = majority.to(elected.device, elected.dtype)
-    return elected
+    return elected.masked_fill_(elected == 0, majority.to(elected.device, elected.dtype))
 
 
 def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority: torch.Tensor | None, normalize: bool) -> torch.Tensor:
-    """w_i·sparse τ_i kept where its sign agrees with the elected one, over the weighted agreeing count."""
+    """w_i·sparse τ_i kept where its sign agrees with the elected one, over the weighted agreeing count.
+
+    Works in place on `weighted`, which the caller hands over.
+    """
     agree = (weighted * elect_sign(weighted, majority)) > 0  # same sign as elected, and non-zero
-    components = weighted * agree
+    components = weighted.mul_(agree)
     if normalize:
-        divisor = (weights * agree).sum(dim=0)
-        divisor[divisor == 0] = 1.0
-        components /= divisor
+        divisor = sum_rows(agree.to(weights.dtype).mul_(weights))
+        components.div_(divisor.masked_fill_(divisor == 0, 1.0))
     return components
 
 
 def ties_stages(params: TiesParams, model_params: list) -> list[Stage]:
     def weighted_trim(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        return trim_topk(task_vectors, stats) * per_model(model_params, "weight", task_vectors)
+        return weight_rows_(trim_topk(task_vectors, stats), model_params)
 
     return [*topk_threshold_stages(model_params), sign_majority_stage(weighted_trim)]
 
 
 def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams, model_params: list, block: Block) -> torch.Tensor:
-    weights = per_model(model_params, "weight", task_vectors)
-    weighted = trim_topk(task_vectors, stats) * weights
-    return disjoint_components(weighted, weights, stats["majority"], params.normalize)
+    weighted = weight_rows_(trim_topk(task_vectors, stats), model_params)
+    return disjoint_components(weighted, per_model(model_params, "weight", task_vectors), stats["majority"], params.normalize)
 
 
 METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages)

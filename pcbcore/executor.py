@@ -35,8 +35,9 @@ from pcbcore.stats import Block, Stats, combine_partial, sample_columns
 
 log = logging.getLogger(__name__)
 
-# Entries per model in one block. Part of DARE's mask definition (masks are drawn per block), so fixed.
-BLOCK_ELEMENTS = 1 << 24
+# Entries per model in one block (4M: 16 MB per model in float32, so a method's temporaries stay well under
+# a GB). DARE's blocks are its own (`MergeMethod.block_elements`), being part of its masks' definition.
+BLOCK_ELEMENTS = 1 << 22
 DEFAULT_SHARD_BYTES = 5 * 10**9
 # Columns sampled from a multi-block scope to bracket its order statistics (`pcbcore.stats`), the most
 # rows read per tensor for it, and the size under which a tensor is sampled from a whole read.
@@ -88,12 +89,18 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     return MergeInputs(base, models, merged, passthrough)
 
 
-def blocks_of(info: TensorInfo) -> list[tuple[Block, tuple[int, int] | None]]:
-    """Split a tensor into blocks of whole rows holding at most BLOCK_ELEMENTS entries (at least one row)."""
-    if len(info.shape) == 0 or info.numel <= BLOCK_ELEMENTS:
+def block_elements(config: MergeConfig) -> int:
+    """Entries per model in one block: the method's own size where its definition fixes one (DARE's masks
+    are drawn per block), else BLOCK_ELEMENTS."""
+    return config.method.block_elements or BLOCK_ELEMENTS
+
+
+def blocks_of(info: TensorInfo, elements: int) -> list[tuple[Block, tuple[int, int] | None]]:
+    """Split a tensor into blocks of whole rows holding at most `elements` entries (at least one row)."""
+    if len(info.shape) == 0 or info.numel <= elements:
         return [(Block(info.name, 0), None)]
     row = info.numel // info.shape[0]
-    step = max(1, BLOCK_ELEMENTS // max(row, 1))
+    step = max(1, elements // max(row, 1))
     return [(Block(info.name, k), (start, min(start + step, info.shape[0]))) for k, start in enumerate(range(0, info.shape[0], step))]
 
 
@@ -110,17 +117,25 @@ class BlockLoader:
         self._checked: set[tuple] = set()
         self.bytes_read = 0
 
-    def _read(self, reader: CheckpointReader, name: str, rows) -> torch.Tensor:
+    def _raw(self, reader: CheckpointReader, name: str, rows) -> torch.Tensor:
         raw = reader.read(name, rows)
         self.bytes_read += raw.numel() * raw.element_size()
-        block = raw.to(self.device, non_blocking=True).to(torch.float32).reshape(-1)
+        return raw.to(self.device, non_blocking=True).reshape(-1)
+
+    def _check(self, values: torch.Tensor, reader: CheckpointReader, name: str, rows) -> None:
+        """Refuse NaN/Inf, once per input block. min and max propagate NaN and are ±Inf if any entry is:
+        one reduction, ~15× faster than isfinite().all()."""
         key = (reader.label, name, rows)
-        if key not in self._checked:
-            # min and max propagate NaN and are ±Inf if any entry is; one reduction, ~15× faster than isfinite().all()
-            low, high = torch.aminmax(block) if block.numel() else (torch.zeros(()), torch.zeros(()))
-            if not (torch.isfinite(low) and torch.isfinite(high)):
-                raise MergeInputError(f"tensor '{name}' of model '{reader.label}' contains NaN or Inf values")
-            self._checked.add(key)
+        if key in self._checked:
+            return
+        low, high = torch.aminmax(values) if values.numel() else (torch.zeros(()), torch.zeros(()))
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise MergeInputError(f"tensor '{name}' of model '{reader.label}' contains NaN or Inf values")
+        self._checked.add(key)
+
+    def _read(self, reader: CheckpointReader, name: str, rows) -> torch.Tensor:
+        block = self._raw(reader, name, rows).to(torch.float32)
+        self._check(block, reader, name, rows)
         return block
 
     def load(self, block: Block, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +145,15 @@ class BlockLoader:
         base = self._read(self.inputs.base, block.name, rows)
         task_vectors = torch.empty((len(self.inputs.models), base.numel()), dtype=torch.float32, device=self.device)
         for i, reader in enumerate(self.inputs.models):
-            torch.sub(self._read(reader, block.name, rows), base, out=task_vectors[i])
+            # θ_i − θ_pre in float32 straight from the input dtype (no float32 copy of θ_i). With θ_pre finite,
+            # τ_i is finite exactly where θ_i is, so checking τ_i checks the model.
+            raw = self._raw(reader, block.name, rows)
+            torch.sub(raw, base, out=task_vectors[i])
+            try:
+                self._check(task_vectors[i], reader, block.name, rows)
+            except MergeInputError:
+                self._check(raw.to(torch.float32), reader, block.name, rows)  # names NaN/Inf in θ_i if it has any
+                raise MergeInputError(f"tensor '{block.name}' of model '{reader.label}' differs from the base by more than float32 can hold") from None
         self._last = (key, (base, task_vectors))
         return base, task_vectors
 
@@ -161,7 +184,7 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
     stages = config.method.stages(config.params, list(config.model_params))
     numel = sum(t.numel for t in scope)
     stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
-    single = len(scope) == 1 and len(blocks_of(scope[0])) == 1
+    single = len(scope) == 1 and len(blocks_of(scope[0], block_elements(config))) == 1
     if not single and any(stage.start is not None for stage in stages):
         stats["sample"] = loader.sample(scope, SCOPE_SAMPLE)
     planned, run = sum(stage.needed is None for stage in stages) + 1, 0
@@ -174,7 +197,7 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
             stage.start(stats)
         totals: Stats = {}
         for done, info in enumerate(scope, 1):
-            for block, rows in blocks_of(info):
+            for block, rows in blocks_of(info, block_elements(config)):
                 _, task_vectors = loader.load(block, rows)
                 for key, (op, fn) in stage.reductions.items():
                     if not (shortcut and key in stage.replaces):
@@ -198,7 +221,7 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
     stats = compute_stats(config, inputs.merged, loader, progress) if model_scope else None
     for k, info in enumerate(inputs.merged):
         tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
-        for block, rows in blocks_of(info):
+        for block, rows in blocks_of(info, block_elements(config)):
             base, task_vectors = loader.load(block, rows)
             yield info, rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
         if progress:
@@ -219,7 +242,7 @@ def merged_blocks(config: MergeConfig, loader: BlockLoader, progress: Progress |
     coefficients = lambdas * torch.tensor(config.method.scales(config.params, list(config.model_params)), dtype=torch.float32)
     merged = loader.inputs.merged
     for k, info in enumerate(merged):
-        for block, rows in blocks_of(info):
+        for block, rows in blocks_of(info, block_elements(config)):
             base, task_vectors = loader.load(block, rows)
             yield info, rows, combine(base, task_vectors, coefficients)
         if progress:

@@ -7,8 +7,8 @@ magnitude trim). mergekit's defaults: `normalize: false`, `rescale: true` for bo
 
 Reproducibility: the drop mask of (model i, tensor, row block) is drawn on the CPU from a
 `torch.Generator` seeded by a hash of (seed, i, tensor name, block index), then moved to the device. The
-same seed therefore gives the same merge on CPU and GPU, in any tensor order. Blocks are the executor's
-fixed-size row blocks (`pcbcore.executor.BLOCK_ELEMENTS`), part of the mask's definition.
+same seed therefore gives the same merge on CPU and GPU, in any tensor order. Blocks are whole rows of
+at most DARE_BLOCK_ELEMENTS entries (`pcbcore.executor.blocks_of`), part of the mask's definition.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelP
 from pcbcore.methods.task_arithmetic import task_arithmetic_scales
 from pcbcore.methods.ties import disjoint_components, sign_majority_stage, weight_rows_
 from pcbcore.stats import Block, Stage, Stats
+
+
+# 2^24 entries per block: fixed, as the drop masks of a seed depend on it.
+DARE_BLOCK_ELEMENTS = 1 << 24
 
 
 class DareParams(MergekitMemoryOption):
@@ -68,5 +72,5 @@ def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareP
     return disjoint_components(weighted, weights, stats["majority"], params.normalize)
 
 
-DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components)
-DARE_TIES = MergeMethod("dare_ties", DareParams, SparseModelParams, dare_ties_components, dare_ties_stages)
+DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components, block_elements=DARE_BLOCK_ELEMENTS)
+DARE_TIES = MergeMethod("dare_ties", DareParams, SparseModelParams, dare_ties_components, dare_ties_stages, block_elements=DARE_BLOCK_ELEMENTS)

@@ -31,6 +31,7 @@ from pcbcore.config import MergeConfig, RawMergeConfig, error_sentence, parse_me
 from pcbcore.errors import MergeInputError
 
 MERGE_KEYS = tuple(RawMergeConfig.model_fields)
+REGISTRY_NAME_FORBIDS = ("/", "@", ":", ".", "%", '"', "'")
 
 
 class EvaluationConfig(BaseModel):
@@ -62,8 +63,10 @@ class PipelineConfig(RawMergeConfig):
     @field_validator("register_as")
     @classmethod
     def _registry_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or "/" in value or "@" in value):
-            raise ValueError("must be a non-empty name without '/' or '@'")
+        # '@' would read as an alias in models:/NAME@alias; the rest MLflow refuses in a logged model's name,
+        # which would fail the run only at its last step, after the merge and the evaluations.
+        if value is not None and (not value.strip() or any(c in value for c in REGISTRY_NAME_FORBIDS)):
+            raise ValueError(f"must be a non-empty name without any of {' '.join(REGISTRY_NAME_FORBIDS)}")
         return value
 
     def merge_data(self) -> dict[str, Any]:

@@ -206,6 +206,9 @@ def test_pipeline_config_names_bad_keys(micro_zoo):
         _config(micro_zoo, parameters={"densty": 0.5})
     with pytest.raises(MergeInputError, match="'evaluation.limit'"):
         _config(micro_zoo, evaluation={"tasks": ["x"], "limit": 0})
+    for name in ("team/merge", "merge@best", "merge-1.0", ""):  # MLflow would refuse '.' only at registration
+        with pytest.raises(MergeInputError, match="'register_as': must be a non-empty name without"):
+            _config(micro_zoo, register_as=name)
 
 
 def test_components_are_stored_once_per_recipe(micro_zoo):

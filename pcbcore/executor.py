@@ -145,10 +145,10 @@ class BlockLoader:
         base = self._read(self.inputs.base, block.name, rows)
         task_vectors = torch.empty((len(self.inputs.models), base.numel()), dtype=torch.float32, device=self.device)
         for i, reader in enumerate(self.inputs.models):
-            # θ_i − θ_pre in float32 straight from the input dtype (no float32 copy of θ_i). With θ_pre finite,
-            # τ_i is finite exactly where θ_i is, so checking τ_i checks the model.
+            # θ_i − θ_pre in float32. With θ_pre finite, τ_i is finite exactly where θ_i is (unless the
+            # difference overflows), so checking τ_i checks the model. Converting first beats a mixed-dtype sub.
             raw = self._raw(reader, block.name, rows)
-            torch.sub(raw, base, out=task_vectors[i])
+            torch.sub(raw.to(torch.float32), base, out=task_vectors[i])
             try:
                 self._check(task_vectors[i], reader, block.name, rows)
             except MergeInputError:

@@ -77,16 +77,6 @@ def combine_partial(op: str, acc, part):
     raise ValueError(f"unknown reduction {op!r}")
 
 
-def row_minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-row minima and maxima, (2, rows): the partial of a "minmax" reduction."""
-    return torch.stack(torch.aminmax(x, dim=-1))
-
-
-def row_sum64(x: torch.Tensor) -> torch.Tensor:
-    """Per-row sums accumulated in float64, so a billion small terms add up to float32 accuracy."""
-    return x.sum(dim=-1, dtype=torch.float64)
-
-
 def norm_map(lo: torch.Tensor, hi: torch.Tensor, top: bool = False, gain: float = 1.0) -> tuple[list[float], list[float]]:
     """Per row, (offset, factor) with (x − offset)·factor = gain·Norm(x), Norm(x) = (x − lo)/(hi − lo) and 0
     where hi = lo; with `top`, gain·(Norm(x) − 1) instead (offset hi; 0, not −gain, where hi = lo).
@@ -199,8 +189,9 @@ def select_in_memory(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     if m < SMALL_BLOCK:
         return torch.stack([torch.kthvalue(x[i], int(k) + 1).values for i, k in enumerate(ranks)])
     lo, hi = (b.unsqueeze(-1) for b in bracket_bounds(x[:, sample_columns(m, SAMPLE_ENTRIES, x.device)], torch.tensor(ranks), m))
-    below = (x < lo).sum(dim=-1).tolist()
-    inside = (x >= lo) & (x <= hi)
+    at_least = x >= lo
+    below = (m - at_least.sum(dim=-1)).tolist()
+    inside = at_least.logical_and_(x <= hi)
     out = []
     for i, k in enumerate(ranks):
         held = x[i][inside[i]]
@@ -220,7 +211,8 @@ def kth_smallest_stages(
     it must act on each column of the task vectors alone (so it can be evaluated on a sample of columns).
     `ranks` gives an int64 tensor (rows,) of ranks and is read after the previous stages have finished.
     `then` runs once the value is known. With `with_max`, the per-row maximum of the values is left in
-    `stats[prefix + '/max']` too.
+    `stats[prefix + '/max']` too. When the scope is one block, its values are left in
+    `stats[prefix + '/values']` for the components step (an earlier stage may have put them there first).
 
     One pass usually suffices: bounds from the scope's column sample (`stats['sample']`, drawn by the
     executor) bracket the rank; the pass counts the entries under the lower bound and keeps those between
@@ -247,8 +239,9 @@ def kth_smallest_stages(
     def bracket(task_vectors: torch.Tensor, stats: Stats, block: Block):
         x = values(task_vectors, stats, block)
         lo, hi = (b.to(x.device, x.dtype).unsqueeze(-1) for b in stats[bounds_key])
-        below = (x < lo).sum(dim=-1)
-        inside = (x >= lo) & (x <= hi)
+        at_least = x >= lo
+        below = x.shape[-1] - at_least.sum(dim=-1)
+        inside = at_least.logical_and_(x <= hi)
         count = inside.sum(dim=-1)
         kept = None
         if stats[held_key] + int(count.max()) <= MAX_HELD:
@@ -280,7 +273,9 @@ def kth_smallest_stages(
             finish_with(stats, value)
 
     def select_whole(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
-        x = values(task_vectors, stats, block)
+        x = stats.get(f"{prefix}/values")  # an earlier stage may have computed them on its way
+        if x is None:
+            x = values(task_vectors, stats, block)
         stats[f"{prefix}/values"] = x  # the block's values, for a components step that wants them again
         if with_max:
             stats[f"{prefix}/max"] = x.amax(dim=-1)

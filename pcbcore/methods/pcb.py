@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from pcbcore.methods.base import FrozenModel, Fraction, MergeMethod, ModelParams, Scope
-from pcbcore.stats import Block, Stage, Stats, apply_map_, kth_smallest_stages, norm_map, row_minmax, sum_rows
+from pcbcore.stats import Block, Stage, Stats, apply_map_, kth_smallest_stages, norm_map, sum_rows
 
 
 class PcbParams(FrozenModel):
@@ -60,51 +60,55 @@ def pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i, n)]
 
 
-def pair_products(task_vectors: torch.Tensor, repeat_diagonal: bool = False) -> torch.Tensor:
-    """τ_i ⊙ τ_j for every pair i ≤ j: (P, m), P = n(n+1)/2; then τ_i ⊙ τ_i again for each i if asked."""
-    n, m = task_vectors.shape
-    wanted = pairs(n) + ([(i, i) for i in range(n)] if repeat_diagonal else [])
-    out = torch.empty((len(wanted), m), dtype=task_vectors.dtype, device=task_vectors.device)
-    for p, (i, j) in enumerate(wanted):
-        torch.mul(task_vectors[i], task_vectors[j], out=out[p])
-    return out
-
-
 def softmax_numerators(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     """(P + n, m): E_ij = exp(Norm(τ_i ⊙ τ_j) − 1) for every pair i ≤ j (the numerators of β_inter), then
     exp(n·(Norm(τ_i ⊙ τ_i) − 1)) for each i (those of β_intra).
 
     Softmax is shift-invariant, so the −1 (the largest Norm) only keeps every exponential ≤ 1 (and where a
-    product is constant over the scope its softmax is uniform whatever the constant). Norm − 1 is applied
-    as one map per row, (x − max)/(max − min) from the scope's extremes, and all exponentials are taken
-    in one call.
+    product is constant over the scope its softmax is uniform whatever the constant). Each row is one
+    fused multiply-add, f·τ_i·τ_j − f·max with f = gain/(max − min) from the scope's extremes (computed
+    once), and all exponentials are taken in one call.
     """
-    return apply_map_(pair_products(task_vectors, repeat_diagonal=True), stats["exp_offsets"], stats["exp_factors"]).exp_()
+    n, m = task_vectors.shape
+    wanted = pairs(n) + [(i, i) for i in range(n)]
+    out = torch.empty((len(wanted), m), dtype=task_vectors.dtype, device=task_vectors.device)
+    for p, (i, j) in enumerate(wanted):
+        offset, factor = stats["exp_offsets"][p], stats["exp_factors"][p]
+        constant = torch.tensor(-offset * factor, dtype=task_vectors.dtype, device=task_vectors.device)
+        torch.addcmul(constant, task_vectors[i], task_vectors[j], value=factor, out=out[p])
+    return out.exp_()
 
 
-def paper_balance(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    """β_i = β_intra,i ⊙ β_inter,i for one block (n, m), from the scope's Norm maps and softmax normalisers."""
+def paper_balance(task_vectors: torch.Tensor, stats: Stats, numerators: torch.Tensor | None = None) -> torch.Tensor:
+    """β_i = β_intra,i ⊙ β_inter,i for one block (n, m), from the scope's Norm maps and softmax normalisers
+    (and the block's softmax numerators when already at hand)."""
     n = task_vectors.shape[0]
-    numerators = softmax_numerators(task_vectors, stats)
+    if numerators is None:
+        numerators = softmax_numerators(task_vectors, stats)
     index = {pair: p for p, pair in enumerate(pairs(n))}
     inverse = stats["softmax_inv"]
     balance = torch.empty_like(task_vectors)
     for i in range(n):
-        row = balance[i]
+        row, intra = balance[i], len(index) + i
         for j in range(n):
             p = index[(min(i, j), max(i, j))]
+            weight = inverse[p] * inverse[intra]  # 1/Z_inter,ij · 1/Z_intra,i
             if j == 0:
-                torch.mul(numerators[p], inverse[p], out=row)
+                torch.mul(numerators[p], weight, out=row)
             else:
-                row.add_(numerators[p], alpha=inverse[p])
-        intra = len(index) + i
-        row.mul_(numerators[intra]).mul_(inverse[intra])
+                row.add_(numerators[p], alpha=weight)
+        row.mul_(numerators[intra])
     return balance
 
 
 def _paper_stages(params: PcbParams, model_params: list) -> list[Stage]:
     def extremes(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        return row_minmax(pair_products(task_vectors))
+        n, m = task_vectors.shape
+        product = torch.empty(m, dtype=task_vectors.dtype, device=task_vectors.device)
+        found = torch.empty((2, len(pairs(n))), dtype=task_vectors.dtype, device=task_vectors.device)
+        for p, (i, j) in enumerate(pairs(n)):
+            found[0, p], found[1, p] = torch.aminmax(torch.mul(task_vectors[i], task_vectors[j], out=product))
+        return found
 
     def norm_maps(stats: Stats) -> None:
         n = int(stats["n_models"])
@@ -115,14 +119,21 @@ def _paper_stages(params: PcbParams, model_params: list) -> list[Stage]:
         stats["exp_offsets"], stats["exp_factors"] = inter_offsets + intra_offsets, inter_factors + intra_factors
 
     def normalisers(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        return softmax_numerators(task_vectors, stats).sum(dim=-1, dtype=torch.float64)
+        return softmax_numerators(task_vectors, stats).sum(dim=-1).double()  # float32 sums per block are cascaded
 
     def inverses(stats: Stats) -> None:
         stats["softmax_inv"] = (1.0 / stats.pop("softmax_z")).tolist()
 
+    def balance_of_the_block(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
+        # The block is the scope: its numerators give the normalisers and then β at once (kept for the drop).
+        numerators = softmax_numerators(task_vectors, stats)
+        stats["softmax_z"] = numerators.sum(dim=-1).double()
+        inverses(stats)
+        stats["drop/values"] = paper_balance(task_vectors, stats, numerators)
+
     return [
         Stage({"pair_extremes": ("minmax", extremes)}, norm_maps),
-        Stage({"softmax_z": ("sum", normalisers)}, inverses),
+        Stage({"softmax_z": ("sum", normalisers)}, inverses, whole=balance_of_the_block, replaces=frozenset({"softmax_z"})),
         *kth_smallest_stages("drop", lambda task_vectors, stats, block: paper_balance(task_vectors, stats), _drop_rank(params)),
     ]
 
@@ -144,13 +155,13 @@ def clip_magnitudes(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     """|c_i|: |τ_i| clipped to its [rank ⌊aD⌋, rank ⌊(1−a)D⌋−1] values."""
     lo = stats["clip_lo"].to(task_vectors.device).unsqueeze(-1)
     hi = stats["clip_hi"].to(task_vectors.device).unsqueeze(-1)
-    return torch.clamp(task_vectors.abs(), lo, hi)
+    return task_vectors.abs().clamp_(lo, hi)
 
 
 def release_scores(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     n = task_vectors.shape[0]
-    intra = apply_map_(clip_magnitudes(task_vectors, stats), *stats["clip_norm"])  # Norm(|c_i|)
-    intra.square_().sub_(1.0).mul_(n).exp_()
+    norm = apply_map_(clip_magnitudes(task_vectors, stats), *stats["clip_norm"])  # Norm(|c_i|)
+    intra = torch.addcmul(torch.tensor(-float(n), dtype=norm.dtype, device=norm.device), norm, norm, value=float(n)).exp_()
     inter = torch.mul(task_vectors, sum_rows(task_vectors)).tanh_()
     return intra.mul_(inter)
 

@@ -99,7 +99,9 @@ def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority:
     agree = (weighted * elect_sign(weighted, majority)) > 0  # same sign as elected, and non-zero
     components = weighted.mul_(agree)
     if normalize:
-        divisor = sum_rows(agree.to(weights.dtype).mul_(weights))
+        divisor = torch.zeros(agree.shape[-1], dtype=components.dtype, device=components.device)
+        for row, weight in zip(agree, weights.flatten().tolist()):
+            divisor.add_(row, alpha=weight) if weight != 1.0 else divisor.add_(row)
         components.div_(divisor.masked_fill_(divisor == 0, 1.0))
     return components
 

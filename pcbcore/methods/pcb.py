@@ -11,8 +11,9 @@ parameter into one vector of length D; `scope: tensor` balances each tensor on i
     θ_m = θ_pre + Σ_i β̂_i ⊙ λ_i τ_i / Σ_i β̂_i           so C_i = β̂_i ⊙ τ_i / Σ_j β̂_j (0 where all drop)
   The softmax normalisers run over the whole scope, so they weigh whole tasks against each other: a
   task whose squared entries are spread evenly gets a larger denominator than a peaked one. They are
-  computed exactly while streaming: pass 1 takes the min and max of every τ_i ⊙ τ_j, pass 2 the sums
-  of exponentials, passes 3–4 the drop threshold by radix select, pass 5 the components. Softmax is
+  computed exactly while streaming: pass 1 takes the min and max of every τ_i ⊙ τ_j (i ≤ j: the
+  products are symmetric), pass 2 the sums of exponentials, pass 3 the drop threshold (a sampled bracket,
+  `pcbcore.stats`; two radix passes more in the rare case it misses), pass 4 the components. Softmax is
   shift-invariant, so exponentials are taken of (x − max), which keeps e^{n·Norm} finite for any n.
 
 `variant: release` — what the authors' released pcb-merging.py computes:

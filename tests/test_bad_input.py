@@ -95,6 +95,18 @@ def test_nan_or_inf_in_an_input_tensor(zoo, capsys, value):
     refuse(capsys, tmp, write_config(tmp, base, [models[0], bad]), "model.layers.1.mlp.down_proj.weight", "NaN or Inf", str(bad))
 
 
+def test_a_task_vector_that_overflows_float32(zoo, capsys):
+    """Finite inputs whose difference does not fit in float32 are named as such, not as NaN/Inf."""
+    tmp, base, models = zoo
+    name = "model.layers.1.mlp.down_proj.weight"
+    def low(t):
+        t[name][3, 4] = -3e38
+    def high(t):
+        t[name][3, 4] = 3e38
+    far_base, far = copy_model(base, tmp / "far-base", low), copy_model(models[1], tmp / "far", high)
+    refuse(capsys, tmp, write_config(tmp, far_base, [models[0], far]), name, str(far), "more than float32 can hold")
+
+
 def test_pickle_checkpoint_refused_unless_allowed(zoo, capsys):
     tmp, base, models = zoo
     pick = tmp / "pickled"

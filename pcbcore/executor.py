@@ -30,6 +30,7 @@ from pcbcore.checkpoint import CheckpointReader, ShardedWriter, TensorInfo, atom
 from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
+from pcbcore.memory import keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
 from pcbcore.stats import Block, Stats, combine_partial, sample_columns
 
@@ -286,6 +287,7 @@ def merge_to_folder(
 ) -> MergeReport:
     """Merge as the config says and write a Hugging Face model folder atomically at `out_dir`."""
     start = time.perf_counter()
+    keep_freed_memory()
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     inputs = open_inputs(config)
@@ -359,6 +361,7 @@ COMPONENTS_MANIFEST = "components.json"
 
 def compute_components(config: MergeConfig, out_dir: str | Path, *, device: str = "auto", overwrite: bool = False, progress: Progress | None = None) -> Path:
     """Store C_i (float32) for every merged tensor: one safetensors file per model, plus a manifest."""
+    keep_freed_memory()
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     inputs = open_inputs(config)

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from pcbcore.errors import MergeInputError
+from pcbcore.memory import restart_with_malloc_settings
 
 # One line per subcommand module, in the order `--help` lists them.
 COMMANDS = [
@@ -38,8 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands that merge: run as the `pcbmerge` command, they restart once with glibc's malloc tuned for
+# block-sized temporaries (`pcbcore.memory`).
+MERGING = {"merge", "run", "search", "demo", "watch"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from pcbmerge.settings import quiet_defaults
+
+    if argv is None:  # the command line, not a caller's list
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if command in MERGING:
+            restart_with_malloc_settings("pcbmerge", sys.argv[1:])
 
     quiet_defaults()
     args = build_parser().parse_args(argv)

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, per_model
-from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages, sum_rows
+from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages, sign_balance, sum_rows
 
 
 class TiesParams(MergekitMemoryOption):
@@ -53,7 +53,7 @@ def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
         magnitude = task_vectors.abs()
     cut = stats["trim"].to(task_vectors.device).unsqueeze(-1)
     cut = torch.where(stats["keep_none"].to(task_vectors.device).unsqueeze(-1), torch.inf, cut)
-    return task_vectors * (magnitude >= cut)
+    return magnitude.ge_(cut).mul_(task_vectors)  # in place on |τ| (ours): 1.0 where kept, then τ there
 
 
 def weight_rows_(x: torch.Tensor, model_params: list) -> torch.Tensor:
@@ -72,7 +72,7 @@ def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
     """
 
     def count(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        return torch.sign(weighted_sparse(task_vectors, stats, block).sum(dim=0)).sum(dtype=torch.float64)
+        return sign_balance(sum_rows(weighted_sparse(task_vectors, stats, block)))
 
     def finish(stats: Stats) -> None:
         stats["majority"] = torch.where(stats.pop("sign_total") < 0, -1.0, 1.0)
@@ -84,11 +84,13 @@ def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
 
 
 def elect_sign(weighted: torch.Tensor, majority: torch.Tensor | None) -> torch.Tensor:
-    """Per entry, the sign of the sum over tasks; the scope's majority sign where that sum is 0."""
-    elected = torch.sign(sum_rows(weighted))
+    """Per entry, the sign of the sum over tasks (±1.0); the scope's majority sign where that sum is 0."""
+    total = sum_rows(weighted)
     if majority is None:  # this block is the whole scope
-        majority = torch.tensor(-1.0 if elected.sum(dtype=torch.float64) < 0 else 1.0)
-    return elected.masked_fill_(elected == 0, majority.to(elected.device, elected.dtype))
+        majority = torch.tensor(-1.0 if sign_balance(total) < 0 else 1.0)
+    if float(majority) > 0:
+        return torch.where(total < 0, -1.0, 1.0)
+    return torch.where(total > 0, 1.0, -1.0)
 
 
 def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority: torch.Tensor | None, normalize: bool) -> torch.Tensor:
@@ -99,10 +101,15 @@ def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority:
     agree = (weighted * elect_sign(weighted, majority)) > 0  # same sign as elected, and non-zero
     components = weighted.mul_(agree)
     if normalize:
+        values = weights.flatten().tolist()
         divisor = torch.zeros(agree.shape[-1], dtype=components.dtype, device=components.device)
-        for row, weight in zip(agree, weights.flatten().tolist()):
+        for row, weight in zip(agree, values):
             divisor.add_(row, alpha=weight) if weight != 1.0 else divisor.add_(row)
-        components.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        if min(values) > 0:  # the divisor is 0 (where every component is 0) or at least the smallest weight
+            divisor.clamp_(min=min(values))
+        else:
+            divisor.masked_fill_(divisor == 0, 1.0)
+        components.div_(divisor)
     return components
 
 

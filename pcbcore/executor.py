@@ -43,7 +43,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 # Columns sampled from a multi-block scope to bracket its order statistics (`pcbcore.stats`), the most
 # rows read per tensor for it, and the size under which a tensor is sampled from a whole read.
 SCOPE_SAMPLE = 1 << 18
-SAMPLE_ROWS = 256
+SAMPLE_ROWS = 8
 SMALL_TENSOR = 1 << 20
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -173,10 +173,11 @@ class BlockLoader:
                 picked = sample_columns(info.shape[0], min(want, SAMPLE_ROWS), torch.device("cpu"), generator)
                 row_blocks = [(r, r + 1) for r in sorted(set(picked.tolist()))]
             per_block = -(-want // len(row_blocks))
-            for rows in row_blocks:
-                base = self._read(self.inputs.base, info.name, rows)
+            for rows in row_blocks:  # unchecked reads: the passes check every block they read
+                base = self._raw(self.inputs.base, info.name, rows)
                 columns = sample_columns(base.numel(), per_block, self.device, generator)
-                parts.append(torch.stack([self._read(reader, info.name, rows)[columns] for reader in self.inputs.models]) - base[columns])
+                models = torch.stack([self._raw(reader, info.name, rows)[columns] for reader in self.inputs.models])
+                parts.append(models.to(torch.float32) - base[columns].to(torch.float32))
         return torch.cat(parts, dim=1)
 
 

@@ -57,6 +57,8 @@ class MergeInputs:
     models: list[CheckpointReader]
     merged: list[TensorInfo]
     passthrough: list[TensorInfo]
+    # Models that are the base itself (linear lists it among the models): their task vectors are exactly 0.
+    same_as_base: frozenset[int] = frozenset()
 
     @property
     def numel(self) -> int:
@@ -87,7 +89,9 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
         extra = sorted(set(reader.tensors) - set(base.tensors))
         if extra:
             raise MergeInputError(f"tensor '{extra[0]}' is in model '{reader.label}' but not in base model '{base.label}'")
-    return MergeInputs(base, models, merged, passthrough)
+    base_folder = Path(config.base_model).resolve()
+    same = frozenset(i for i, m in enumerate(config.models) if Path(m).resolve() == base_folder)
+    return MergeInputs(base, models, merged, passthrough, same)
 
 
 def block_elements(config: MergeConfig) -> int:
@@ -146,6 +150,9 @@ class BlockLoader:
         base = self._read(self.inputs.base, block.name, rows)
         task_vectors = torch.empty((len(self.inputs.models), base.numel()), dtype=torch.float32, device=self.device)
         for i, reader in enumerate(self.inputs.models):
+            if i in self.inputs.same_as_base:
+                task_vectors[i].zero_()
+                continue
             # θ_i − θ_pre in float32. With θ_pre finite, τ_i is finite exactly where θ_i is (unless the
             # difference overflows), so checking τ_i checks the model. Converting first beats a mixed-dtype sub.
             raw = self._raw(reader, block.name, rows)

@@ -632,6 +632,11 @@ def main(argv=None) -> int:
 
     for size in sizes:
         zoo = work / "zoo" / size
+        if not args.build_only:
+            # Build in a child: a forked measurement starts with this process's pages, and Linux keeps that in
+            # its peak RSS across exec, so a big build here would inflate every later reading.
+            subprocess.run([sys.executable, __file__, "--sizes", size, "--build-only", "--workdir", str(work),
+                            "--shard-gb", str(args.shard_gb), "--seed", str(args.seed), "--mergekit-methods", ""], check=True)
         cfg = build_zoo(zoo, parse_size(size), int(args.shard_gb * 1e9), args.seed)
         if args.build_only:
             continue

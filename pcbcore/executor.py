@@ -30,7 +30,7 @@ from pcbcore.checkpoint import CheckpointReader, ShardedWriter, TensorInfo, atom
 from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
-from pcbcore.memory import keep_freed_memory
+from pcbcore.memory import bound_resident_memory, keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
 from pcbcore.stats import Block, Stats, combine_partial, sample_columns
 
@@ -211,8 +211,10 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
                 for key, (op, fn) in stage.reductions.items():
                     if not (shortcut and key in stage.replaces):
                         totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
-            if progress and len(scope) > 1:
-                progress(f"pass {run}/{max(planned, run + 1)}", done, len(scope))
+            if len(scope) > 1:
+                bound_resident_memory()
+                if progress:
+                    progress(f"pass {run}/{max(planned, run + 1)}", done, len(scope))
         stats.update(totals)
         if shortcut:
             stage.whole(task_vectors, stats, block)
@@ -233,6 +235,7 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
         for block, rows in blocks_of(info, block_elements(config)):
             base, task_vectors = loader.load(block, rows)
             yield info, rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
+        bound_resident_memory()
         if progress:
             progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
 

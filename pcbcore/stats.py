@@ -236,7 +236,7 @@ def kth_smallest_stages(
     exactly: the first counts entries per value of the high 16 bits, which locates the bucket holding the
     rank; the second counts the low 16 bits inside that bucket. A scope of one block selects in memory.
     """
-    bounds_key, held_key, missed_key = f"{prefix}/bounds", f"{prefix}/held", f"{prefix}/missed"
+    bounds_key, held_key, filled_key, missed_key = f"{prefix}/bounds", f"{prefix}/held", f"{prefix}/filled", f"{prefix}/missed"
     hi_key, lo_key, bucket_key, rest_key = f"{prefix}/hi", f"{prefix}/lo", f"{prefix}/bucket", f"{prefix}/rest"
 
     def finish_with(stats: Stats, value: torch.Tensor) -> None:
@@ -247,9 +247,15 @@ def kth_smallest_stages(
     # -- the bracket pass
 
     def set_bounds(stats: Stats) -> None:
-        sample = stats["sample"]
-        stats[bounds_key] = bracket_bounds(values(sample, stats, SAMPLE_BLOCK), ranks(stats), int(stats["numel"]))
-        stats[held_key] = 0
+        sampled = values(stats["sample"], stats, SAMPLE_BLOCK)
+        lo, hi = bracket_bounds(sampled, ranks(stats), int(stats["numel"]))
+        stats[bounds_key] = (lo, hi)
+        # Room for the entries inside the bracket, allocated once before the pass (twice the sample's share
+        # inside, at most MAX_HELD per row): small tensors kept block after block would fragment the heap.
+        share = ((sampled >= lo.unsqueeze(-1)) & (sampled <= hi.unsqueeze(-1))).float().mean(dim=-1).max()
+        capacity = min(MAX_HELD, int(2 * float(share) * int(stats["numel"])) + 4096)
+        stats[held_key] = torch.empty((sampled.shape[0], capacity), dtype=torch.float32, device=sampled.device)
+        stats[filled_key] = [0] * sampled.shape[0]  # None once a row's bracket overflows: radix select for it
 
     def bracket(task_vectors: torch.Tensor, stats: Stats, block: Block):
         x = values(task_vectors, stats, block)
@@ -257,29 +263,30 @@ def kth_smallest_stages(
         at_least = x >= lo
         below = x.shape[-1] - count_rows(at_least)
         inside = at_least.logical_and_(x <= hi)
-        count = count_rows(inside)
-        kept = None
-        if stats[held_key] + int(count.max()) <= MAX_HELD:
-            stats[held_key] += int(count.max())
-            kept = [x[i][inside[i]] for i in range(x.shape[0])]
-        return below, count, kept, x.amax(dim=-1) if with_max else None
+        count = count_rows(inside).tolist()
+        held, filled = stats[held_key], stats[filled_key]
+        for i, n in enumerate(count):
+            if filled[i] is None or filled[i] + n > held.shape[-1]:
+                filled[i] = None
+                continue
+            torch.masked_select(x[i].to(torch.float32), inside[i], out=held[i, filled[i] : filled[i] + n])
+            filled[i] += n
+        return below, torch.tensor(count), x.amax(dim=-1) if with_max else None
 
     def resolve(stats: Stats) -> None:
         parts = stats.pop(f"{prefix}/bracket")
-        stats.pop(bounds_key), stats.pop(held_key)
+        held, filled = stats.pop(held_key), stats.pop(filled_key)
+        stats.pop(bounds_key)
         if with_max:
-            stats[f"{prefix}/max"] = torch.stack([p[3] for p in parts]).amax(dim=0)
-        wanted = ranks(stats)
+            stats[f"{prefix}/max"] = torch.stack([p[2] for p in parts]).amax(dim=0)
         below = sum(p[0] for p in parts)
-        count = sum(p[1] for p in parts)
-        complete = all(p[2] is not None for p in parts)
         found, missed = [], []
-        for i, k in enumerate(wanted.tolist()):
+        for i, k in enumerate(ranks(stats).tolist()):
             r = k - int(below[i])
-            if complete and 0 <= r < int(count[i]):
-                found.append(torch.kthvalue(torch.cat([p[2][i] for p in parts]), r + 1).values)
+            if filled[i] is not None and 0 <= r < filled[i]:
+                found.append(torch.kthvalue(held[i, : filled[i]], r + 1).values)
             else:
-                found.append(torch.tensor(torch.nan, device=below.device))
+                found.append(torch.tensor(torch.nan, device=held.device))
                 missed.append(i)
         value = torch.stack(found).to(torch.float32)
         if missed:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
@@ -40,8 +41,13 @@ RESIDENT_LIMIT = 2 << 30
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+@functools.cache
 def _glibc() -> bool:
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and os.environ.get(SWITCH, "1") != "0"
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _tuning_on() -> bool:
+    return _glibc() and os.environ.get(SWITCH, "1") != "0"
 
 
 def _c_library():
@@ -60,7 +66,7 @@ def bound_resident_memory(limit: int | None = None) -> None:
     sizes fragment the heap over hundreds of tensors (a 1.5B model-scope PCB merge grew to 8 GiB); trimming
     when past the limit keeps the footprint bounded and costs one round of page faults each time. (glibc's
     default dynamic threshold fragments too: the same merge untuned passed 3.8 GiB within its first pass.)"""
-    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+    if not _glibc():
         return
     try:
         with open("/proc/self/statm") as f:
@@ -74,7 +80,7 @@ def bound_resident_memory(limit: int | None = None) -> None:
 def keep_freed_memory() -> bool:
     """Tune glibc malloc once per process for block-sized temporaries; True where it took effect."""
     global _tuned
-    if _tuned or not _glibc():
+    if _tuned or not _tuning_on():
         return _tuned
     libc = _c_library()
     mallopt = getattr(libc, "mallopt", None) if libc else None
@@ -98,7 +104,7 @@ def restart_with_malloc_settings(module: str, args: list[str]) -> None:
             os.environ.pop(key, None)
         _tuned = True  # a later mallopt would only lower the threshold
         return
-    if not _glibc():
+    if not _tuning_on():
         return
     missing = {key: value for key, value in START_UP_SETTINGS.items() if key not in os.environ}
     if not missing:

@@ -129,6 +129,8 @@ SAMPLE_ENTRIES = 1 << 14
 MAX_HELD = 1 << 25
 # A single block smaller than this is selected with `torch.kthvalue` directly.
 SMALL_BLOCK = 1 << 17
+# The `block` that a scope's column sample passes to a `values` function.
+SAMPLE_BLOCK = Block("<sample>", 0)
 
 
 def ordered_keys(x: torch.Tensor) -> torch.Tensor:
@@ -192,6 +194,13 @@ def bracket_bounds(sample: torch.Tensor, ranks: torch.Tensor, numel: int) -> tup
     return lo.to(sample.device), hi.to(sample.device)
 
 
+def split_at_bounds(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x (rows, m): how many entries lie under lo (int64, (rows,)), and the mask of those in [lo, hi]."""
+    lo, hi = (b.to(x.device, x.dtype).unsqueeze(-1) for b in (lo, hi))
+    at_least = x >= lo
+    return x.shape[-1] - count_rows(at_least), at_least.logical_and_(x <= hi)
+
+
 def select_in_memory(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """Per row of x (rows, m), the value of ascending 0-based rank `ranks[row]`, exactly.
 
@@ -203,10 +212,9 @@ def select_in_memory(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     m = x.shape[-1]
     if m < SMALL_BLOCK:
         return torch.stack([torch.kthvalue(x[i], int(k) + 1).values for i, k in enumerate(ranks)])
-    lo, hi = (b.unsqueeze(-1) for b in bracket_bounds(x[:, sample_columns(m, SAMPLE_ENTRIES, x.device)], torch.tensor(ranks), m))
-    at_least = x >= lo
-    below = (m - count_rows(at_least)).tolist()
-    inside = at_least.logical_and_(x <= hi)
+    lo, hi = bracket_bounds(x[:, sample_columns(m, SAMPLE_ENTRIES, x.device)], torch.tensor(ranks), m)
+    below, inside = split_at_bounds(x, lo, hi)
+    below = below.tolist()
     out = []
     for i, k in enumerate(ranks):
         held = x[i][inside[i]]
@@ -259,10 +267,7 @@ def kth_smallest_stages(
 
     def bracket(task_vectors: torch.Tensor, stats: Stats, block: Block):
         x = values(task_vectors, stats, block)
-        lo, hi = (b.to(x.device, x.dtype).unsqueeze(-1) for b in stats[bounds_key])
-        at_least = x >= lo
-        below = x.shape[-1] - count_rows(at_least)
-        inside = at_least.logical_and_(x <= hi)
+        below, inside = split_at_bounds(x, *stats[bounds_key])
         count = count_rows(inside).tolist()
         held, filled = stats[held_key], stats[filled_key]
         for i, n in enumerate(count):
@@ -335,7 +340,3 @@ def kth_smallest_stages(
         Stage({hi_key: ("sum", count_high)}, after_high, needed=missed_any),
         Stage({lo_key: ("sum", count_low)}, after_low, needed=missed_any),
     ]
-
-
-# The `block` that a scope's column sample passes to a `values` function.
-SAMPLE_BLOCK = Block("<sample>", 0)

@@ -88,10 +88,22 @@ def combine(base: torch.Tensor, components: torch.Tensor, lambdas: torch.Tensor)
     return torch.addmv(base.to(components.dtype), components.T, lambdas)  # one gemv, ~2.5× faster than base + λ @ C
 
 
-def per_model(model_params: list, key: str, like: torch.Tensor) -> torch.Tensor:
-    """A per-model value as a column (n, 1) on `like`'s device and dtype, to broadcast over entries."""
-    return per_model_values([getattr(m, key) for m in model_params], like)
+def scale_rows_(x: torch.Tensor, factors: list[float]) -> torch.Tensor:
+    """x[i] ← factors[i]·x[i] in place (rows whose factor is 1 are left alone)."""
+    for row, factor in zip(x, factors):
+        if factor != 1.0:
+            row.mul_(factor)
+    return x
 
 
-def per_model_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(-1)
+def scaled_components(scales: ScalesFn) -> ComponentsFn:
+    """The components function of a method whose C_i = s_i·τ_i (its `scales`)."""
+
+    def components(task_vectors: torch.Tensor, stats: Stats, params: FrozenModel, model_params: list, block: Block) -> torch.Tensor:
+        return scale_rows_(task_vectors.clone(), scales(params, model_params))
+
+    return components
+
+
+def weights_of(model_params: list) -> list[float]:
+    return [m.weight for m in model_params]

@@ -18,9 +18,9 @@ import hashlib
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, per_model, per_model_values
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, scale_rows_, weights_of
 from pcbcore.methods.task_arithmetic import task_arithmetic_scales
-from pcbcore.methods.ties import disjoint_components, sign_majority_stage, weight_rows_
+from pcbcore.methods.ties import disjoint_components, sign_majority_stage
 from pcbcore.stats import Block, Stage, Stats
 
 
@@ -54,7 +54,7 @@ def drop_and_rescale(task_vectors: torch.Tensor, params: DareParams, model_param
 
 def dare_linear_components(task_vectors: torch.Tensor, stats: Stats, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
     dropped = drop_and_rescale(task_vectors, params, model_params, block)
-    return dropped.mul_(per_model_values(task_arithmetic_scales(params, model_params), task_vectors))
+    return scale_rows_(dropped, task_arithmetic_scales(params, model_params))
 
 
 def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
@@ -63,13 +63,12 @@ def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
 
 
 def _weighted_dropped(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
-    return weight_rows_(drop_and_rescale(task_vectors, params, model_params, block), model_params)
+    return scale_rows_(drop_and_rescale(task_vectors, params, model_params, block), weights_of(model_params))
 
 
 def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
-    weights = per_model(model_params, "weight", task_vectors)
     weighted = _weighted_dropped(task_vectors, params, model_params, block)
-    return disjoint_components(weighted, weights, stats["majority"], params.normalize)
+    return disjoint_components(weighted, weights_of(model_params), stats["majority"], params.normalize)
 
 
 DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components, block_elements=DARE_BLOCK_ELEMENTS)

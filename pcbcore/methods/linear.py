@@ -8,10 +8,9 @@ C_i = w_i τ_i / Σ_j w_j and λ_i = 1, which is exact because the weights sum t
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, model_validator
 
-from pcbcore.methods.base import Block, FrozenModel, MergeMethod, WeightedModelParams, per_model_values
+from pcbcore.methods.base import FrozenModel, MergeMethod, WeightedModelParams, scaled_components
 
 
 class LinearParams(FrozenModel):
@@ -32,8 +31,4 @@ def linear_scales(params: LinearParams, model_params: list) -> list[float]:
     return [m.weight / total for m in model_params]
 
 
-def linear_components(task_vectors: torch.Tensor, stats, params: LinearParams, model_params: list, block: Block) -> torch.Tensor:
-    return task_vectors * per_model_values(linear_scales(params, model_params), task_vectors)
-
-
-METHOD = MergeMethod("linear", LinearParams, WeightedModelParams, linear_components, base_may_be_a_model=True, scales=linear_scales)
+METHOD = MergeMethod("linear", LinearParams, WeightedModelParams, scaled_components(linear_scales), base_may_be_a_model=True, scales=linear_scales)

@@ -5,10 +5,9 @@ C_i = w_i τ_i, divided by Σ_j w_j when `normalize` (mergekit's default for thi
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-from pcbcore.methods.base import Block, MergekitMemoryOption, MergeMethod, WeightedModelParams, per_model_values
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, WeightedModelParams, scaled_components
 
 
 class TaskArithmeticParams(MergekitMemoryOption):
@@ -22,8 +21,4 @@ def task_arithmetic_scales(params: TaskArithmeticParams, model_params: list) -> 
     return [w / (total if total != 0 else 1.0) for w in weights]
 
 
-def task_arithmetic_components(task_vectors: torch.Tensor, stats, params: TaskArithmeticParams, model_params: list, block: Block) -> torch.Tensor:
-    return task_vectors * per_model_values(task_arithmetic_scales(params, model_params), task_vectors)
-
-
-METHOD = MergeMethod("task_arithmetic", TaskArithmeticParams, WeightedModelParams, task_arithmetic_components, scales=task_arithmetic_scales)
+METHOD = MergeMethod("task_arithmetic", TaskArithmeticParams, WeightedModelParams, scaled_components(task_arithmetic_scales), scales=task_arithmetic_scales)

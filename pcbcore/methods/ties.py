@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, per_model
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, scale_rows_, weights_of
 from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages, sign_balance, sum_rows
 
 
@@ -56,14 +56,6 @@ def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     return magnitude.ge_(cut).mul_(task_vectors)  # in place on |τ| (ours): 1.0 where kept, then τ there
 
 
-def weight_rows_(x: torch.Tensor, model_params: list) -> torch.Tensor:
-    """x[i] ← w_i·x[i] in place (nothing to do for the common all-ones weights)."""
-    for row, m in zip(x, model_params):
-        if m.weight != 1.0:
-            row.mul_(m.weight)
-    return x
-
-
 def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
     """A stage leaving `stats['majority']`: the sign of the sum of all elected signs over the scope.
 
@@ -93,7 +85,7 @@ def elect_sign(weighted: torch.Tensor, majority: torch.Tensor | None) -> torch.T
     return torch.where(total > 0, 1.0, -1.0)
 
 
-def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+def disjoint_components(weighted: torch.Tensor, weights: list[float], majority: torch.Tensor | None, normalize: bool) -> torch.Tensor:
     """w_i·sparse τ_i kept where its sign agrees with the elected one, over the weighted agreeing count.
 
     Works in place on `weighted`, which the caller hands over.
@@ -101,12 +93,11 @@ def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority:
     agree = (weighted * elect_sign(weighted, majority)) > 0  # same sign as elected, and non-zero
     components = weighted.mul_(agree)
     if normalize:
-        values = weights.flatten().tolist()
         divisor = torch.zeros(agree.shape[-1], dtype=components.dtype, device=components.device)
-        for row, weight in zip(agree, values):
+        for row, weight in zip(agree, weights):
             divisor.add_(row, alpha=weight) if weight != 1.0 else divisor.add_(row)
-        if min(values) > 0:  # the divisor is 0 (where every component is 0) or at least the smallest weight
-            divisor.clamp_(min=min(values))
+        if min(weights) > 0:  # the divisor is 0 (where every component is 0) or at least the smallest weight
+            divisor.clamp_(min=min(weights))
         else:
             divisor.masked_fill_(divisor == 0, 1.0)
         components.div_(divisor)
@@ -115,14 +106,14 @@ def disjoint_components(weighted: torch.Tensor, weights: torch.Tensor, majority:
 
 def ties_stages(params: TiesParams, model_params: list) -> list[Stage]:
     def weighted_trim(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        return weight_rows_(trim_topk(task_vectors, stats), model_params)
+        return scale_rows_(trim_topk(task_vectors, stats), weights_of(model_params))
 
     return [*topk_threshold_stages(model_params), sign_majority_stage(weighted_trim)]
 
 
 def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams, model_params: list, block: Block) -> torch.Tensor:
-    weighted = weight_rows_(trim_topk(task_vectors, stats), model_params)
-    return disjoint_components(weighted, per_model(model_params, "weight", task_vectors), stats["majority"], params.normalize)
+    weights = weights_of(model_params)
+    return disjoint_components(scale_rows_(trim_topk(task_vectors, stats), weights), weights, stats["majority"], params.normalize)
 
 
 METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages)

@@ -83,14 +83,17 @@ def test_dare_with_p_zero_equals_task_arithmetic(seed, n, lam):
 
 
 # DARE is left out: its masks are drawn per block, so the block size is part of their definition.
+# (whole, step): every tensor split into blocks of 10 entries; or only the 17×9 one, the others whole.
+@pytest.mark.parametrize("blocks", [(10, 10), (130, 10)], ids=["all-streamed", "mixed"])
 @pytest.mark.parametrize("method,params", DETERMINISTIC, ids=str)
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 10_000))
-def test_streamed_merge_equals_one_block(method, params, seed):
+def test_streamed_merge_equals_one_block(method, params, blocks, seed):
     base, models = random_models(seed, 3, shapes=((17, 9), (31,), (4, 5, 6)))
     whole = run(method, params, base, models)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(executor, "BLOCK_ELEMENTS", 10)
+        mp.setattr(executor, "BLOCK_ELEMENTS", blocks[0])
+        mp.setattr(executor, "STREAM_BLOCK_ELEMENTS", blocks[1])
         streamed = run(method, params, base, models)
     for name in base:
         assert torch.allclose(whole[name], streamed[name], atol=1e-6), name

@@ -7,12 +7,14 @@ every tensor is split) and never holds the flattened model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import pcbcore.executor as executor
 import pcbcore.stats as stats
-from pcbcore.checkpoint import CheckpointReader
+from pcbcore.checkpoint import CheckpointReader, TensorInfo
 from pcbcore.config import parse_merge_config
 
 
@@ -85,7 +87,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("selection", ["bracket", "radix"])
+@pytest.mark.parametrize("selection", ["bracket", "bracket-runs", "radix"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_model_scope_streamed_equals_dense_flattened_reference(case, selection, tiny_zoo, tmp_path, monkeypatch, device):
     params, reference = CASES[case]
@@ -95,6 +97,9 @@ def test_model_scope_streamed_equals_dense_flattened_reference(case, selection, 
         monkeypatch.setattr(stats, "MAX_HELD", 0)
     else:  # a sample far smaller than the scope, so the bracket is a real guess
         monkeypatch.setattr(executor, "SCOPE_SAMPLE", 64)
+    if selection == "bracket-runs":  # matrices sampled as a large tensor is: from runs of adjacent rows
+        monkeypatch.setattr(executor, "SMALL_TENSOR", 16)
+        monkeypatch.setattr(executor, "SAMPLE_READS", 3)
     method = "pcb" if case.startswith("pcb") else "ties"
     config = parse_merge_config({"merge_method": method, "base_model": str(base), "models": [{"model": str(m)} for m in models], "parameters": params})
     executor.merge_to_folder(config, tmp_path / "out", device=device)
@@ -130,3 +135,14 @@ def test_in_memory_selection_equals_kthvalue(monkeypatch, miss):
     expected = torch.stack([torch.kthvalue(x[i], k + 1).values for i, k in enumerate(ranks)])
     assert torch.equal(stats.select_in_memory(x, ranks), expected)
 
+
+
+@pytest.mark.parametrize("shape,want", [((32000, 512), 1 << 18), ((7, 5), 20), ((100, 3), 1000), ((5, 4), 3)])
+def test_sample_runs_are_disjoint_rows_holding_the_share(shape, want):
+    info = TensorInfo("w", torch.float32, shape, Path("w.safetensors"))
+    runs = executor.sample_runs(info, want, torch.Generator().manual_seed(0))
+    row = info.numel // shape[0]
+    assert len(runs) <= executor.SAMPLE_READS
+    assert all(0 <= a < b <= shape[0] for a, b in runs)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(runs, runs[1:]))  # sorted, disjoint
+    assert sum(b - a for a, b in runs) * row >= min(want, info.numel)

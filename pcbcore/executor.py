@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # A tensor of at most BLOCK_ELEMENTS entries per model (16 MB in float32) is one block: its order statistics
 # are selected in memory, without passes. A larger tensor streams in blocks of STREAM_BLOCK_ELEMENTS, whose
 # task vectors and temporaries stay in the CPU's caches (1M: TIES over a 32000×512 embedding 25% faster
-# than in 4M blocks). DARE's blocks are its own (`MergeMethod.block_elements`), part of its masks' definition.
+# than in 4M blocks). DARE's mask chunks hold STREAM_BLOCK_ELEMENTS entries too, so its streamed blocks draw
+# whole chunks (`pcbcore.methods.dare`).
 BLOCK_ELEMENTS = 1 << 22
 STREAM_BLOCK_ELEMENTS = 1 << 20
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -98,12 +99,9 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     return MergeInputs(base, models, merged, passthrough, same)
 
 
-def block_elements(config: MergeConfig) -> tuple[int, int]:
+def block_elements() -> tuple[int, int]:
     """(whole, step): a tensor of at most `whole` entries per model is one block; a larger one is split into
-    blocks of about `step` entries. A method whose definition fixes its blocks (DARE's masks are drawn per
-    block) uses its own size for both; the others BLOCK_ELEMENTS and STREAM_BLOCK_ELEMENTS."""
-    if config.method.block_elements:
-        return config.method.block_elements, config.method.block_elements
+    blocks of about `step` entries (read at call time, so tests can shrink them)."""
     return BLOCK_ELEMENTS, min(BLOCK_ELEMENTS, STREAM_BLOCK_ELEMENTS)
 
 
@@ -111,11 +109,13 @@ def blocks_of(info: TensorInfo, elements: tuple[int, int]) -> list[tuple[Block, 
     """A tensor as one block when it holds at most `elements[0]` entries, else as blocks of whole rows holding
     at most `elements[1]` entries each (at least one row)."""
     whole, step = elements
-    if len(info.shape) == 0 or info.numel <= whole:
-        return [(Block(info.name, 0), None)]
-    row = info.numel // info.shape[0]
+    shape = tuple(info.shape)
+    if len(shape) == 0 or info.numel <= whole:
+        return [(Block(info.name, 0, shape), None)]
+    row = info.numel // shape[0]
     rows = max(1, step // max(row, 1))
-    return [(Block(info.name, k), (start, min(start + rows, info.shape[0]))) for k, start in enumerate(range(0, info.shape[0], rows))]
+    spans = [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+    return [(Block(info.name, k, shape, span), span) for k, span in enumerate(spans)]
 
 
 class BlockLoader:
@@ -211,7 +211,7 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
     stages = config.method.stages(config.params, list(config.model_params))
     numel = sum(t.numel for t in scope)
     stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
-    single = len(scope) == 1 and len(blocks_of(scope[0], block_elements(config))) == 1
+    single = len(scope) == 1 and len(blocks_of(scope[0], block_elements())) == 1
     if not single and any(stage.start is not None for stage in stages):
         stats["sample"] = loader.sample(scope, SCOPE_SAMPLE)
     planned, run = sum(stage.needed is None for stage in stages) + 1, 0
@@ -224,7 +224,7 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
             stage.start(stats)
         totals: Stats = {}
         for done, info in enumerate(scope, 1):
-            for block, rows in blocks_of(info, block_elements(config)):
+            for block, rows in blocks_of(info, block_elements()):
                 _, task_vectors = loader.load(block, rows)
                 for key, (op, fn) in stage.reductions.items():
                     if not (shortcut and key in stage.replaces):
@@ -250,7 +250,7 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
     stats = compute_stats(config, inputs.merged, loader, progress) if model_scope else None
     for k, info in enumerate(inputs.merged):
         tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
-        for block, rows in blocks_of(info, block_elements(config)):
+        for block, rows in blocks_of(info, block_elements()):
             base, task_vectors = loader.load(block, rows)
             yield info, rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
         bound_resident_memory()
@@ -272,7 +272,7 @@ def merged_blocks(config: MergeConfig, loader: BlockLoader, progress: Progress |
     coefficients = lambdas * torch.tensor(config.method.scales(config.params, list(config.model_params)), dtype=torch.float32)
     merged = loader.inputs.merged
     for k, info in enumerate(merged):
-        for block, rows in blocks_of(info, block_elements(config)):
+        for block, rows in blocks_of(info, block_elements()):
             base, task_vectors = loader.load(block, rows)
             yield info, rows, combine(base, task_vectors, coefficients)
         if progress:

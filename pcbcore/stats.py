@@ -30,10 +30,13 @@ Stats = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Block:
-    """Where a block of task vectors comes from: tensor `name`, its `index`-th block of rows."""
+    """Where a block of task vectors comes from: tensor `name` (of `shape`), its `index`-th block, holding
+    the rows [start, stop) along dim 0 (`rows`; None: the whole tensor)."""
 
     name: str
     index: int = 0
+    shape: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None
 
 
 # A reduction maps a block of task vectors (n, m), the statistics so far and the block's origin to a

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pcbcore.methods.dare as dare
 from pcbcore.config import parse_merge_config
 from pcbcore.executor import merge_state_dicts
+from pcbcore.stats import Block
 
 BASE = {"w": torch.zeros(4)}
 TASKS = [{"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}, {"w": torch.tensor([-1.0, -1.0, 1.0, 2.0])}]
@@ -117,3 +119,32 @@ def test_non_float_tensors_are_copied_from_the_base():
     config = parse_merge_config({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a"}]})
     out = merge_state_dicts(config, base, tasks, device="cpu")
     assert torch.equal(out["ids"], base["ids"]) and torch.equal(out["w"], torch.ones(2))
+
+
+def test_dare_masks_are_drawn_per_chunk_of_rows_whatever_the_block(monkeypatch):
+    """A block's mask is the slice of its tensor's chunk masks: blocks cutting through chunks agree with
+    the whole tensor's mask, and each chunk is drawn from its own generator."""
+    monkeypatch.setattr(dare, "DARE_CHUNK_ENTRIES", 12)  # 7×4 tensor: chunks of 3 rows
+    whole = dare.keep_mask(5, 1, 0.5, Block("w", 0, (7, 4)))
+    assert whole.shape == (28,)
+    for start, stop in [(0, 2), (2, 5), (5, 7), (1, 7)]:
+        assert torch.equal(dare.keep_mask(5, 1, 0.5, Block("w", 9, (7, 4), (start, stop))), whole[start * 4 : stop * 4])
+    first_chunk = torch.rand(12, generator=dare.chunk_generator(5, 1, "w", 0)) < 0.5
+    assert torch.equal(whole[:12], first_chunk)
+    assert not torch.equal(dare.keep_mask(5, 0, 0.5, Block("w", 0, (7, 4))), whole)  # another model, another mask
+
+
+def test_dare_ties_draws_each_mask_once_over_a_streamed_tensor(monkeypatch):
+    """A tensor of several blocks takes a majority-sign pass; its masks are kept for the components step."""
+    import pcbcore.executor as executor
+
+    monkeypatch.setattr(dare, "DARE_CHUNK_ENTRIES", 10)  # 40×5: chunks of 2 rows, 20 per model
+    monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(executor, "STREAM_BLOCK_ELEMENTS", 10)
+    drawn = []
+    real = dare.chunk_generator
+    monkeypatch.setattr(dare, "chunk_generator", lambda *key: drawn.append(key) or real(*key))
+    gen = torch.Generator().manual_seed(0)
+    tasks = [{"w": torch.randn(40, 5, generator=gen)} for _ in range(3)]
+    merge("dare_ties", tasks, {"w": torch.zeros(40, 5)}, density=0.5)
+    assert len(drawn) == len(set(drawn)) == 3 * 20

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pcbcore.executor as executor
+import pcbcore.methods.dare as dare
 from pcbcore.config import parse_merge_config
 from pcbcore.executor import merge_state_dicts
 
@@ -82,16 +83,17 @@ def test_dare_with_p_zero_equals_task_arithmetic(seed, n, lam):
         assert torch.allclose(a[name], b[name])
 
 
-# DARE is left out: its masks are drawn per block, so the block size is part of their definition.
 # (whole, step): every tensor split into blocks of 10 entries; or only the 17×9 one, the others whole.
+# DARE's masks are drawn in chunks of 20 entries (rounded to rows), so blocks cut through chunks.
 @pytest.mark.parametrize("blocks", [(10, 10), (130, 10)], ids=["all-streamed", "mixed"])
-@pytest.mark.parametrize("method,params", DETERMINISTIC, ids=str)
+@pytest.mark.parametrize("method,params", ALL, ids=str)
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_streamed_merge_equals_one_block(method, params, blocks, seed):
     base, models = random_models(seed, 3, shapes=((17, 9), (31,), (4, 5, 6)))
-    whole = run(method, params, base, models)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dare, "DARE_CHUNK_ENTRIES", 20)
+        whole = run(method, params, base, models)
         mp.setattr(executor, "BLOCK_ELEMENTS", blocks[0])
         mp.setattr(executor, "STREAM_BLOCK_ELEMENTS", blocks[1])
         streamed = run(method, params, base, models)

@@ -71,8 +71,6 @@ class MergeMethod:
     base_may_be_a_model: bool = False
     # When set, a merge folds s_i into λ_i and combines the task vectors directly (no components built).
     scales: ScalesFn | None = None
-    # Entries per model in one block where the method's result depends on the blocks (None: the executor's).
-    block_elements: int | None = None
 
     def scope(self, params: FrozenModel) -> Scope:
         return getattr(params, "scope", "tensor")

@@ -5,15 +5,18 @@ Each entry of τ_i is dropped with probability p = 1 − density and survivors a
 as task arithmetic; `dare_ties` elects signs and takes the disjoint mean as TIES does (without TIES's
 magnitude trim). mergekit's defaults: `normalize: false`, `rescale: true` for both.
 
-Reproducibility: the drop mask of (model i, tensor, row block) is drawn on the CPU from a
-`torch.Generator` seeded by a hash of (seed, i, tensor name, block index), then moved to the device. The
-same seed therefore gives the same merge on CPU and GPU, in any tensor order. Blocks are whole rows of
-at most DARE_BLOCK_ELEMENTS entries (`pcbcore.executor.blocks_of`), part of the mask's definition.
+Reproducibility: a tensor's rows are cut into mask chunks of max(1, DARE_CHUNK_ENTRIES // row length) rows;
+the drop mask of (model i, tensor, chunk) is drawn on the CPU (`torch.rand(...) < density`) from a
+`torch.Generator` seeded by a hash of (seed, i, tensor name, chunk index), then moved to the device. The
+mask is thus a function of the seed and the tensor alone: the same on CPU and GPU, in any tensor order,
+and however the engine splits the tensor into blocks (each block draws the chunks it covers; the engine's
+streamed blocks are whole chunks).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from pydantic import Field
@@ -24,8 +27,8 @@ from pcbcore.methods.ties import disjoint_components, sign_majority_stage
 from pcbcore.stats import Block, Stage, Stats
 
 
-# 2^24 entries per block: fixed, as the drop masks of a seed depend on it.
-DARE_BLOCK_ELEMENTS = 1 << 24
+# Entries per mask chunk (rounded to whole rows): part of the masks' definition.
+DARE_CHUNK_ENTRIES = 1 << 20
 
 
 class DareParams(MergekitMemoryOption):
@@ -34,19 +37,41 @@ class DareParams(MergekitMemoryOption):
     seed: int = Field(0, description="seed of the drop masks")
 
 
-def block_generator(seed: int, model_index: int, block: Block) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}/{model_index}/{block.name}/{block.index}".encode(), digest_size=8).digest()
+def chunk_generator(seed: int, model_index: int, name: str, chunk: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{model_index}/{name}/{chunk}".encode(), digest_size=8).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
-def drop_and_rescale(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
+def keep_mask(seed: int, model_index: int, density: float, block: Block) -> torch.Tensor:
+    """Which entries of the block model `model_index` keeps (bool, flat, on the CPU), from the mask chunks
+    the block's rows cover."""
+    n_rows = block.shape[0] if block.shape else 1
+    row = math.prod(block.shape[1:])
+    start, stop = block.rows or (0, n_rows)
+    if row == 0 or stop <= start:
+        return torch.zeros(0, dtype=torch.bool)
+    rows_per_chunk = max(1, DARE_CHUNK_ENTRIES // row)
+    parts = []
+    for chunk in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+        first, last = chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, n_rows)
+        draws = torch.rand((last - first) * row, generator=chunk_generator(seed, model_index, block.name, chunk))
+        parts.append(draws[(max(start, first) - first) * row : (min(stop, last) - first) * row])
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)) < density
+
+
+def keep_masks(params: DareParams, model_params: list, block: Block, device: torch.device) -> list[torch.Tensor | None]:
+    """Every model's keep mask for the block on `device` (None for a model that keeps everything)."""
+    return [None if m.density >= 1.0 else keep_mask(params.seed, i, m.density, block).to(device) for i, m in enumerate(model_params)]
+
+
+def drop_and_rescale(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block, keep: list | None = None) -> torch.Tensor:
+    keep = keep if keep is not None else keep_masks(params, model_params, block, task_vectors.device)
     out = torch.empty_like(task_vectors)
-    for i, m in enumerate(model_params):
-        if m.density >= 1.0:
+    for i, (m, mask) in enumerate(zip(model_params, keep)):
+        if mask is None:
             out[i] = task_vectors[i]
             continue
-        keep = torch.rand(task_vectors.shape[-1], generator=block_generator(params.seed, i, block)) < m.density
-        torch.mul(task_vectors[i], keep.to(task_vectors.device), out=out[i])
+        torch.mul(task_vectors[i], mask, out=out[i])
         if params.rescale:
             out[i].div_(m.density)
     return out
@@ -58,18 +83,24 @@ def dare_linear_components(task_vectors: torch.Tensor, stats: Stats, params: Dar
 
 
 def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
-    # The stats are per tensor (DARE has no model-wide cut), only for the majority-sign tie break.
-    return [sign_majority_stage(lambda task_vectors, stats, block: _weighted_dropped(task_vectors, params, model_params, block))]
+    # The stats are per tensor (DARE has no model-wide cut), only for the majority-sign tie break. A tensor of
+    # several blocks takes a pass for it; the masks drawn there are kept for the components step, which
+    # would otherwise draw them again (most of DARE's cost on a CPU).
+    def weighted_dropped_keeping_masks(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
+        keep = stats[f"dare/keep/{block.index}"] = keep_masks(params, model_params, block, task_vectors.device)
+        return _weighted_dropped(task_vectors, params, model_params, block, keep)
+
+    return [sign_majority_stage(weighted_dropped_keeping_masks)]
 
 
-def _weighted_dropped(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
-    return scale_rows_(drop_and_rescale(task_vectors, params, model_params, block), weights_of(model_params))
+def _weighted_dropped(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block, keep: list | None = None) -> torch.Tensor:
+    return scale_rows_(drop_and_rescale(task_vectors, params, model_params, block, keep), weights_of(model_params))
 
 
 def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
-    weighted = _weighted_dropped(task_vectors, params, model_params, block)
+    weighted = _weighted_dropped(task_vectors, params, model_params, block, stats.pop(f"dare/keep/{block.index}", None))
     return disjoint_components(weighted, weights_of(model_params), stats["majority"], params.normalize)
 
 
-DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components, block_elements=DARE_BLOCK_ELEMENTS)
-DARE_TIES = MergeMethod("dare_ties", DareParams, SparseModelParams, dare_ties_components, dare_ties_stages, block_elements=DARE_BLOCK_ELEMENTS)
+DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components)
+DARE_TIES = MergeMethod("dare_ties", DareParams, SparseModelParams, dare_ties_components, dare_ties_stages)

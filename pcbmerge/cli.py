@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pcbcore.errors import MergeInputError
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands that merge: run as the `pcbmerge` command, they restart once with glibc's malloc tuned for
 # block-sized temporaries (`pcbcore.memory`).
 MERGING = {"merge", "run", "search", "demo", "watch"}
+# Subcommands whose work is done when their handler returns (no background threads, servers or atexit
+# duties): run as the `pcbmerge` command, they end with os._exit once their output is flushed, skipping
+# the interpreter's teardown of torch's modules (~0.25 s of a 2 s merge of a small model).
+QUICK_EXIT = {"merge"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except MergeInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if argv is None and args.command in QUICK_EXIT:
+        end_now(code)
+    return code
+
+
+def end_now(code: int) -> None:
+    """Flush what is buffered and end the process without the interpreter's teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -276,8 +276,6 @@ def download_registered_model(uri: str, dest_root: Path) -> tuple[str, str, Path
 
 def read_lineage(uri: str) -> dict[str, Any]:
     """The lineage node stored with a registered model version (`lineage.json` of its run)."""
-    from mlflow.artifacts import download_artifacts
-
     version = model_version(uri)
     if not version.run_id:
         raise MergeInputError(f"model reference '{uri}' has no MLflow run, so no pcbmerge lineage")

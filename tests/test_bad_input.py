@@ -52,7 +52,7 @@ def copy_model(src, dst, edit=None):
 def test_mismatched_shapes_name_the_tensor_and_both_shapes(zoo, capsys):
     tmp, base, models = zoo
     bad = copy_model(models[0], tmp / "bad", lambda t: t.update({"model.norm.weight": torch.ones(40)}))
-    msg = refuse(capsys, tmp, write_config(tmp, base, [bad, models[1]]), "model.norm.weight", "[32]", "[40]", str(bad))
+    refuse(capsys, tmp, write_config(tmp, base, [bad, models[1]]), "model.norm.weight", "[32]", "[40]", str(bad))
 
 
 def test_missing_tensor_names_the_tensor_and_the_model(zoo, capsys):

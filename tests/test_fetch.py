@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pcbcore.errors import MergeInputError
-from tasks.fetch import fetch_checkpoint, fingerprint_folder, is_transient, TransientFetchError
+from tasks.fetch import FetchedCheckpoint, fetch_checkpoint, fingerprint_folder, is_transient, TransientFetchError
 from tasks.track import parse_model_uri
 
 
@@ -24,7 +24,7 @@ def prefect_engine():
         yield
 
 
-def _fetch_with_engine(refs: list[str], cache_dir: Path) -> list[tuple[str, "FetchedCheckpoint"]]:
+def _fetch_with_engine(refs: list[str], cache_dir: Path) -> list[tuple[str, FetchedCheckpoint]]:
     """Fetch each ref in turn in one flow run, as the pipeline does: (state name, result) per ref."""
     from prefect import flow
 

@@ -32,7 +32,7 @@ from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
 from pcbcore.memory import bound_resident_memory, keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
-from pcbcore.stats import Block, Stats, combine_partial, sample_columns
+from pcbcore.stats import Block, Stats, combine_partial, row_spans, sample_columns
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +99,14 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     return MergeInputs(base, models, merged, passthrough, same)
 
 
-def block_elements() -> tuple[int, int]:
-    """(whole, step): a tensor of at most `whole` entries per model is one block; a larger one is split into
-    blocks of about `step` entries (read at call time, so tests can shrink them)."""
-    return BLOCK_ELEMENTS, min(BLOCK_ELEMENTS, STREAM_BLOCK_ELEMENTS)
-
-
-def blocks_of(info: TensorInfo, elements: tuple[int, int]) -> list[tuple[Block, tuple[int, int] | None]]:
-    """A tensor as one block when it holds at most `elements[0]` entries, else as blocks of whole rows holding
-    at most `elements[1]` entries each (at least one row)."""
-    whole, step = elements
+def blocks_of(info: TensorInfo) -> list[Block]:
+    """A tensor as one block when it holds at most BLOCK_ELEMENTS entries, else as blocks of whole rows of at
+    most STREAM_BLOCK_ELEMENTS entries each (both read at call time, so tests can shrink them)."""
     shape = tuple(info.shape)
-    if len(shape) == 0 or info.numel <= whole:
-        return [(Block(info.name, 0, shape), None)]
-    row = info.numel // shape[0]
-    rows = max(1, step // max(row, 1))
-    spans = [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
-    return [(Block(info.name, k, shape, span), span) for k, span in enumerate(spans)]
+    if len(shape) == 0 or info.numel <= BLOCK_ELEMENTS:
+        return [Block(info.name, 0, shape)]
+    spans = row_spans(shape, min(BLOCK_ELEMENTS, STREAM_BLOCK_ELEMENTS))
+    return [Block(info.name, k, shape, span) for k, span in enumerate(spans)]
 
 
 class BlockLoader:
@@ -152,7 +143,8 @@ class BlockLoader:
         self._check(block, reader, name, rows)
         return block
 
-    def load(self, block: Block, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = block.rows
         key = (block.name, rows)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
@@ -211,7 +203,7 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
     stages = config.method.stages(config.params, list(config.model_params))
     numel = sum(t.numel for t in scope)
     stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
-    single = len(scope) == 1 and len(blocks_of(scope[0], block_elements())) == 1
+    single = len(scope) == 1 and len(blocks_of(scope[0])) == 1
     if not single and any(stage.start is not None for stage in stages):
         stats["sample"] = loader.sample(scope, SCOPE_SAMPLE)
     planned, run = sum(stage.needed is None for stage in stages) + 1, 0
@@ -224,8 +216,8 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
             stage.start(stats)
         totals: Stats = {}
         for done, info in enumerate(scope, 1):
-            for block, rows in blocks_of(info, block_elements()):
-                _, task_vectors = loader.load(block, rows)
+            for block in blocks_of(info):
+                _, task_vectors = loader.load(block)
                 for key, (op, fn) in stage.reductions.items():
                     if not (shortcut and key in stage.replaces):
                         totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
@@ -250,9 +242,9 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
     stats = compute_stats(config, inputs.merged, loader, progress) if model_scope else None
     for k, info in enumerate(inputs.merged):
         tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
-        for block, rows in blocks_of(info, block_elements()):
-            base, task_vectors = loader.load(block, rows)
-            yield info, rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
+        for block in blocks_of(info):
+            base, task_vectors = loader.load(block)
+            yield info, block.rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
         bound_resident_memory()
         if progress:
             progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
@@ -272,9 +264,9 @@ def merged_blocks(config: MergeConfig, loader: BlockLoader, progress: Progress |
     coefficients = lambdas * torch.tensor(config.method.scales(config.params, list(config.model_params)), dtype=torch.float32)
     merged = loader.inputs.merged
     for k, info in enumerate(merged):
-        for block, rows in blocks_of(info, block_elements()):
-            base, task_vectors = loader.load(block, rows)
-            yield info, rows, combine(base, task_vectors, coefficients)
+        for block in blocks_of(info):
+            base, task_vectors = loader.load(block)
+            yield info, block.rows, combine(base, task_vectors, coefficients)
         if progress:
             progress("merge", k + 1, len(merged))
 

@@ -20,6 +20,7 @@ than 16M entries; `torch.kthvalue` needs the whole vector and is ~3× slower tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +38,14 @@ class Block:
     index: int = 0
     shape: tuple[int, ...] = ()
     rows: tuple[int, int] | None = None
+
+
+def row_spans(shape: tuple[int, ...], entries: int) -> list[tuple[int, int]]:
+    """A tensor of `shape` cut along dim 0 into runs of whole rows [start, stop), each holding at most
+    `entries` entries (at least one row); a 0-d tensor is one row."""
+    n_rows = shape[0] if shape else 1
+    rows = max(1, entries // max(math.prod(shape[1:]), 1))
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
 # A reduction maps a block of task vectors (n, m), the statistics so far and the block's origin to a

@@ -136,7 +136,6 @@ def test_in_memory_selection_equals_kthvalue(monkeypatch, miss):
     assert torch.equal(stats.select_in_memory(x, ranks), expected)
 
 
-
 @pytest.mark.parametrize("shape,want", [((32000, 512), 1 << 18), ((7, 5), 20), ((100, 3), 1000), ((5, 4), 3)])
 def test_sample_runs_are_disjoint_rows_holding_the_share(shape, want):
     info = TensorInfo("w", torch.float32, shape, Path("w.safetensors"))

@@ -24,7 +24,7 @@ from pydantic import Field
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, scale_rows_, weights_of
 from pcbcore.methods.task_arithmetic import task_arithmetic_scales
 from pcbcore.methods.ties import disjoint_components, sign_majority_stage
-from pcbcore.stats import Block, Stage, Stats
+from pcbcore.stats import Block, Stage, Stats, row_spans
 
 
 # Entries per mask chunk (rounded to whole rows): part of the masks' definition.
@@ -45,17 +45,15 @@ def chunk_generator(seed: int, model_index: int, name: str, chunk: int) -> torch
 def keep_mask(seed: int, model_index: int, density: float, block: Block) -> torch.Tensor:
     """Which entries of the block model `model_index` keeps (bool, flat, on the CPU), from the mask chunks
     the block's rows cover."""
-    n_rows = block.shape[0] if block.shape else 1
     row = math.prod(block.shape[1:])
-    start, stop = block.rows or (0, n_rows)
-    if row == 0 or stop <= start:
-        return torch.zeros(0, dtype=torch.bool)
-    rows_per_chunk = max(1, DARE_CHUNK_ENTRIES // row)
+    start, stop = block.rows or (0, block.shape[0] if block.shape else 1)
     parts = []
-    for chunk in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
-        first, last = chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, n_rows)
-        draws = torch.rand((last - first) * row, generator=chunk_generator(seed, model_index, block.name, chunk))
-        parts.append(draws[(max(start, first) - first) * row : (min(stop, last) - first) * row])
+    for chunk, (first, last) in enumerate(row_spans(block.shape, DARE_CHUNK_ENTRIES)):
+        if first < stop and start < last and row:
+            draws = torch.rand((last - first) * row, generator=chunk_generator(seed, model_index, block.name, chunk))
+            parts.append(draws[(max(start, first) - first) * row : (min(stop, last) - first) * row])
+    if not parts:
+        return torch.zeros(0, dtype=torch.bool)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)) < density
 
 

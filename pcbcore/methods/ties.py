@@ -96,10 +96,8 @@ def disjoint_components(weighted: torch.Tensor, weights: list[float], majority: 
     sign = elect_sign(weighted, majority)
     agreeing = weighted.mul_(sign).clamp_(min=0.0)
     if normalize:
-        divisor = torch.sign(agreeing[0])
-        if weights[0] != 1.0:
-            divisor.mul_(weights[0])
-        for row, weight in zip(agreeing[1:], weights[1:]):
+        divisor = torch.zeros_like(agreeing[0])
+        for row, weight in zip(agreeing, weights):
             divisor.add_(torch.sign(row), alpha=weight)
         if min(weights) > 0:  # the divisor is 0 (where every component is 0) or at least the smallest weight
             divisor.clamp_(min=min(weights))

@@ -140,8 +140,11 @@ def build_zoo(zoo: Path, target: float, shard_bytes: int, seed: int) -> dict:
         shards[-1].append((name, shape))
         size += nbytes
     total_params = sum(numel(s) for _, s in plan)
-    print(f"[zoo] building {zoo.name}: {total_params / 1e6:.0f}M params/model, {len(shards)} shard(s)/model, "
-          f"{4 * 2 * total_params / 1e9:.2f} GB in all", file=sys.stderr, flush=True)
+    print(
+        f"[zoo] building {zoo.name}: {total_params / 1e6:.0f}M params/model, {len(shards)} shard(s)/model, {4 * 2 * total_params / 1e9:.2f} GB in all",
+        file=sys.stderr,
+        flush=True,
+    )
     tmp = zoo.with_name(zoo.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -173,7 +176,7 @@ def build_zoo(zoo: Path, target: float, shard_bytes: int, seed: int) -> dict:
             save_file(tensors, str(d / fname), metadata={"format": "pt"})
         del out
         print(f"[zoo]   shard {k}/{len(shards)} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-    for m, d in enumerate(dirs):
+    for d in dirs:
         index = {"metadata": {"total_size": 2 * total_params}, "weight_map": weight_map}
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -352,8 +355,12 @@ def run_one(run: Run, cmd: list[str], out_dir: Path, logs: Path, repeats: int, k
                 pass
         if pyspy is not None and raw.exists():
             run.extra["profile"] = profile_summary(raw)
-        print(f"  {run.tool:9s} {run.method:18s} run {r + 1}/{repeats}: {wall:7.2f} s  peak RSS {rss / 2**30:5.2f} GiB  "
-              f"{run.input_bytes / wall / 1e9:5.2f} GB/s  (load {load:.1f})", file=sys.stderr, flush=True)
+        print(
+            f"  {run.tool:9s} {run.method:18s} run {r + 1}/{repeats}: {wall:7.2f} s  peak RSS {rss / 2**30:5.2f} GiB  "
+            f"{run.input_bytes / wall / 1e9:5.2f} GB/s  (load {load:.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
     if not keep and out_dir.exists():
         shutil.rmtree(out_dir)
 
@@ -443,8 +450,17 @@ def compare_main(a: str, b: str) -> None:
         return torch.where(i < 0, -(i & 0x7FFF), i)  # sign-magnitude -> monotone integers
 
     ia, ib = load_index(Path(a)), load_index(Path(b))
-    res = {"tensors": len(ia), "missing": sorted(set(ia) ^ set(ib)), "elements": 0, "differing": 0, "max_ulp": 0,
-           "max_abs": 0.0, "ulp_hist": {}, "dtype_mismatch": [], "worst_tensor": None}
+    res = {
+        "tensors": len(ia),
+        "missing": sorted(set(ia) ^ set(ib)),
+        "elements": 0,
+        "differing": 0,
+        "max_ulp": 0,
+        "max_abs": 0.0,
+        "ulp_hist": {},
+        "dtype_mismatch": [],
+        "worst_tensor": None,
+    }
     handles: dict[Path, object] = {}
 
     def get(p: Path, name: str):
@@ -517,21 +533,32 @@ def table(runs: list[Run], compares: dict) -> str:
                 f"{gbps} | {fmt(ref, '.1f')} | {fmt(ratio, '.3f')} | {fmt(target, '.3f')} | {met or '—'} |"
             )
     if compares:
-        lines += ["", "Correctness (pcbmerge vs mergekit, bf16 outputs):", "",
-                  "| size | method | elements | differing | max ulp | max abs | ulp histogram | worst tensor |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Correctness (pcbmerge vs mergekit, bf16 outputs):",
+            "",
+            "| size | method | elements | differing | max ulp | max abs | ulp histogram | worst tensor |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for (size, method), c in compares.items():
             if "error" in c:
                 lines.append(f"| {size} | {method} | — | — | — | — | {c['error']} | — |")
                 continue
-            lines.append(f"| {size} | {method} | {c['elements']:,} | {c['differing']:,} ({100 * c['differing'] / max(c['elements'], 1):.4f}%) | "
-                         f"{c['max_ulp']} | {c['max_abs']:.3g} | {c['ulp_hist']} | {c['worst_tensor']} |")
+            lines.append(
+                f"| {size} | {method} | {c['elements']:,} | {c['differing']:,} ({100 * c['differing'] / max(c['elements'], 1):.4f}%) | "
+                f"{c['max_ulp']} | {c['max_abs']:.3g} | {c['ulp_hist']} | {c['worst_tensor']} |"
+            )
     profiled = [r for r in runs if r.extra.get("profile")]
     if profiled:
         lines += ["", "Hot spots (py-spy, share of samples; self = leaf frame, inclusive = pcbcore functions):", ""]
         for r in profiled:
             prof = r.extra["profile"]
-            lines.append(f"- {r.size} {r.method}: self " + "; ".join(f"{k} {v}%" for k, v in prof["self"][:6])
-                         + " — inclusive " + "; ".join(f"{k} {v}%" for k, v in prof["inclusive_pcbcore"][:8]))
+            lines.append(
+                f"- {r.size} {r.method}: self "
+                + "; ".join(f"{k} {v}%" for k, v in prof["self"][:6])
+                + " — inclusive "
+                + "; ".join(f"{k} {v}%" for k, v in prof["inclusive_pcbcore"][:8])
+            )
     return "\n".join(lines)
 
 
@@ -558,11 +585,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input shard size of the synthetic zoo (default 1 GB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pcbmerge", default=str(REPO / ".venv" / "bin" / "pcbmerge"), help="pcbmerge executable")
-    ap.add_argument("--mergekit-args", default="--no-copy-tokenizer --lazy-unpickle --out-shard-size 5B",
-                    help="extra mergekit-yaml arguments (CPU; default: %(default)s)")
+    ap.add_argument(
+        "--mergekit-args", default="--no-copy-tokenizer --lazy-unpickle --out-shard-size 5B", help="extra mergekit-yaml arguments (CPU; default: %(default)s)"
+    )
     ap.add_argument("--mergekit-venv", type=Path, default=None, help="mergekit virtual environment (default WORKDIR/mergekit-venv; created if missing)")
-    ap.add_argument("--profile", action="store_true",
-                    help="run pcbmerge under py-spy (installed into the mergekit venv); hot spots go to results.json")
+    ap.add_argument("--profile", action="store_true", help="run pcbmerge under py-spy (installed into the mergekit venv); hot spots go to results.json")
     ap.add_argument("--fresh", action="store_true", help="drop earlier results in WORKDIR/results.json (default: keep those not re-measured)")
     ap.add_argument("--no-compare", action="store_true", help="skip the output comparison")
     ap.add_argument("--build-only", action="store_true", help="build the zoo and stop")
@@ -624,8 +651,11 @@ def main(argv=None) -> int:
         fresh = {(r.size, r.tool, r.method) for r in runs}
         allruns = [r for r in previous if (r.size, r.tool, r.method) not in fresh] + runs
         allruns.sort(key=lambda r: (sizes_order(r.size), ["floor", "pcbmerge", "mergekit"].index(r.tool) if r.tool in ("floor", "pcbmerge", "mergekit") else 9))
-        data = {"meta": meta, "runs": [asdict(r) | {"best_s": r.best, "peak_rss": r.rss} for r in allruns],
-                "compare": {f"{s}/{m}": c for (s, m), c in compares.items()}}
+        data = {
+            "meta": meta,
+            "runs": [asdict(r) | {"best_s": r.best, "peak_rss": r.rss} for r in allruns],
+            "compare": {f"{s}/{m}": c for (s, m), c in compares.items()},
+        }
         results_path.write_text(json.dumps(data, indent=2))
         (work / "results.md").write_text(table(allruns, compares) + "\n")
         return allruns
@@ -635,16 +665,36 @@ def main(argv=None) -> int:
         if not args.build_only:
             # Build in a child: a forked measurement starts with this process's pages, and Linux keeps that in
             # its peak RSS across exec, so a big build here would inflate every later reading.
-            subprocess.run([sys.executable, __file__, "--sizes", size, "--build-only", "--workdir", str(work),
-                            "--shard-gb", str(args.shard_gb), "--seed", str(args.seed), "--mergekit-methods", ""], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--sizes",
+                    size,
+                    "--build-only",
+                    "--workdir",
+                    str(work),
+                    "--shard-gb",
+                    str(args.shard_gb),
+                    "--seed",
+                    str(args.seed),
+                    "--mergekit-methods",
+                    "",
+                ],
+                check=True,
+            )
         cfg = build_zoo(zoo, parse_size(size), int(args.shard_gb * 1e9), args.seed)
         if args.build_only:
             continue
         files = input_files(zoo)
         in_bytes = sum(f.stat().st_size for f in files)
         largest = max(numel(s) for _, s in tensor_plan(cfg))
-        meta.setdefault("sizes", {})[size] = {"params_per_model": sum(numel(s) for _, s in tensor_plan(cfg)), "config": cfg,
-                                              "input_bytes": in_bytes, "largest_tensor_numel": largest}
+        meta.setdefault("sizes", {})[size] = {
+            "params_per_model": sum(numel(s) for _, s in tensor_plan(cfg)),
+            "config": cfg,
+            "input_bytes": in_bytes,
+            "largest_tensor_numel": largest,
+        }
         warm = warm_cache(files)
         print(f"[{size}] {in_bytes / 1e9:.2f} GB of inputs; cache warm-up read {warm:.1f}s", file=sys.stderr, flush=True)
         outs = work / "merged" / size
@@ -653,16 +703,31 @@ def main(argv=None) -> int:
         if not args.no_floor:
             for mode in ("read", "avg"):
                 r = Run(size, "floor", mode, input_bytes=in_bytes)
-                run_one(r, [sys.executable, str(Path(__file__).resolve()), "_floor", mode, str(outs / f"floor-{mode}"), *dirs],
-                        outs / f"floor-{mode}", logs, args.repeats, keep=False, env=env)
+                run_one(
+                    r,
+                    [sys.executable, str(Path(__file__).resolve()), "_floor", mode, str(outs / f"floor-{mode}"), *dirs],
+                    outs / f"floor-{mode}",
+                    logs,
+                    args.repeats,
+                    keep=False,
+                    env=env,
+                )
                 runs.append(r)
                 save()
         for method in methods:
             yml = write_yaml(work / "configs" / size / f"pcbmerge-{method}.yml", merge_yaml(method, zoo, "pcbmerge"))
             out = outs / f"pcbmerge-{method}"
             r = Run(size, "pcbmerge", method, input_bytes=in_bytes)
-            run_one(r, [args.pcbmerge, "merge", str(yml), str(out), "--device", "cpu", "--overwrite", "--json"], out, logs, args.repeats,
-                    keep=method in ("linear", "task_arithmetic", "ties") and method in mk_methods, env=env, pyspy=pyspy)
+            run_one(
+                r,
+                [args.pcbmerge, "merge", str(yml), str(out), "--device", "cpu", "--overwrite", "--json"],
+                out,
+                logs,
+                args.repeats,
+                keep=method in ("linear", "task_arithmetic", "ties") and method in mk_methods,
+                env=env,
+                pyspy=pyspy,
+            )
             runs.append(r)
             save()
         for method in mk_methods:
@@ -687,8 +752,10 @@ def main(argv=None) -> int:
         return 0
     allruns = save()
     print()
-    print(f"mergekit {meta['mergekit_version']} ({args.mergekit_args}); repeats: pcbmerge/floor {args.repeats}, mergekit {mk_repeats}; "
-          f"2-core machine shared with other jobs: timings are noisy (see loadavg in results.json)")
+    print(
+        f"mergekit {meta['mergekit_version']} ({args.mergekit_args}); repeats: pcbmerge/floor {args.repeats}, mergekit {mk_repeats}; "
+        f"2-core machine shared with other jobs: timings are noisy (see loadavg in results.json)"
+    )
     print()
     print(table(allruns, compares))
     print(f"\nresults: {results_path} and {work / 'results.md'}")

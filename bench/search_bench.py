@@ -29,7 +29,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["micro", "demo"], default="demo")
@@ -82,8 +81,12 @@ def time_candidates(zoo, work: Path, args) -> dict:
     from pcbmerge.evaluation import evaluate_model
     from tasks.search import build_candidate
 
-    data = {"merge_method": "pcb", "base_model": str(zoo.base), "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks],
-            "parameters": {"ratio": args.ratio[0]}}
+    data = {
+        "merge_method": "pcb",
+        "base_model": str(zoo.base),
+        "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks],
+        "parameters": {"ratio": args.ratio[0]},
+    }
     folder = work / "components-timing"
     started = time.perf_counter()
     compute_components(parse_merge_config(data), folder, device="cpu", overwrite=True)
@@ -102,8 +105,7 @@ def time_candidates(zoo, work: Path, args) -> dict:
         builds.append(time.perf_counter() - started)
         with tempfile.TemporaryDirectory() as cache:
             started = time.perf_counter()
-            evaluate_model(model, tokenizer, zoo.tasks, include_path=zoo.task_dir, split="validation", limit=args.limit,
-                           device="cpu", cache_dir=Path(cache))
+            evaluate_model(model, tokenizer, zoo.tasks, include_path=zoo.task_dir, split="validation", limit=args.limit, device="cpu", cache_dir=Path(cache))
             evals.append(time.perf_counter() - started)
     build, evaluate = float(np.median(builds)), float(np.median(evals))
     return {
@@ -123,20 +125,19 @@ def fixed_methods(zoo, work: Path, args) -> dict:
 
     from pcbcore.config import parse_merge_config
     from pcbcore.executor import merge_to_folder
-    from pcbmerge.evaluation import evaluate_path
-
     from pcbmerge.commands.demo import DEMO_MERGES
+    from pcbmerge.evaluation import evaluate_path
 
     out = {}
     for label, method, params in DEMO_MERGES:
-        data = {"merge_method": method, "base_model": str(zoo.base),
-                "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks], "parameters": params}
+        data = {"merge_method": method, "base_model": str(zoo.base), "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks], "parameters": params}
         folder = work / "fixed" / label.replace(" ", "-").replace("(", "").replace(")", "")
         merge_to_folder(parse_merge_config(data), folder, overwrite=True, config_text=yaml.safe_dump(data))
         row = {}
         for split in ("validation", "test"):
-            result = evaluate_path(folder, zoo.tasks, include_path=zoo.task_dir, split=split, limit=args.limit, device="cpu",
-                                   cache_dir=work / "home" / "cache" / "eval")
+            result = evaluate_path(
+                folder, zoo.tasks, include_path=zoo.task_dir, split=split, limit=args.limit, device="cpu", cache_dir=work / "home" / "cache" / "eval"
+            )
             row[split] = {t: s.value for t, s in result.scores.items()}
             row[f"{split}_mean"] = result.mean()
         out[label] = row
@@ -149,16 +150,26 @@ def search(zoo, work: Path, args) -> dict:
     from pcbmerge.commands.search import run_search
     from pcbmerge.search_config import parse_search_config
 
-    config = parse_search_config({
-        "merge_method": "pcb",
-        "base_model": str(zoo.base),
-        "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks],
-        "parameters": {"ratio": args.ratio[0], "variant": args.variant, **({"clip_quantile": 0.01} if args.variant == "release" else {})},
-        "evaluation": {"tasks": zoo.tasks, "include_path": str(zoo.task_dir), "split": "test", "limit": args.limit},
-        "search": {"budget": args.budget, "popsize": args.popsize, "sigma0": args.sigma0, "seed": 0, "workers": args.workers,
-                   "bounds": args.bounds, **({"ratio": args.ratio} if len(args.ratio) > 1 else {})},
-        "register_as": f"bench-search-{args.size}{args.tag}",
-    }, source="bench")
+    config = parse_search_config(
+        {
+            "merge_method": "pcb",
+            "base_model": str(zoo.base),
+            "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks],
+            "parameters": {"ratio": args.ratio[0], "variant": args.variant, **({"clip_quantile": 0.01} if args.variant == "release" else {})},
+            "evaluation": {"tasks": zoo.tasks, "include_path": str(zoo.task_dir), "split": "test", "limit": args.limit},
+            "search": {
+                "budget": args.budget,
+                "popsize": args.popsize,
+                "sigma0": args.sigma0,
+                "seed": 0,
+                "workers": args.workers,
+                "bounds": args.bounds,
+                **({"ratio": args.ratio} if len(args.ratio) > 1 else {}),
+            },
+            "register_as": f"bench-search-{args.size}{args.tag}",
+        },
+        source="bench",
+    )
     started = time.perf_counter()
     outcome = run_search(config)
     wall = time.perf_counter() - started
@@ -199,12 +210,17 @@ def markdown(results: dict) -> str:
         lams = ", ".join(f"{x:.3f}" for x in found["lambdas"])
         settings = found["settings"]
         grid = f"ratio {found['best_ratio'] or settings['ratio'][0]}" + (f" of {settings['ratio']}" if len(settings["ratio"]) > 1 else "")
-        lines.append(f"| pcb {settings['variant']} + CMA-ES ({grid}, bounds {settings['bounds']}, {found['evaluations']} evaluations, {found['rounds']} rounds) | [{lams}] | "
-                     f"{found['best_validation_fitness']:.4f} | {found['test_mean']:.4f} |")
+        lines.append(
+            f"| pcb {settings['variant']} + CMA-ES ({grid}, bounds {settings['bounds']}, {found['evaluations']} evaluations, {found['rounds']} rounds) | [{lams}] | "
+            f"{found['best_validation_fitness']:.4f} | {found['test_mean']:.4f} |"
+        )
         best_label = max(fixed, key=lambda k: fixed[k]["test_mean"])
-        lines += ["", f"Best fixed-λ method on test: {best_label} ({fixed[best_label]['test_mean']:.4f}); search: "
-                  f"{found['test_mean']:.4f} ({found['test_mean'] - fixed[best_label]['test_mean']:+.4f}). "
-                  f"Search wall time {found['wall_seconds']:.0f}s; building {found['build_share_percent']:.2f}% of evaluating."]
+        lines += [
+            "",
+            f"Best fixed-λ method on test: {best_label} ({fixed[best_label]['test_mean']:.4f}); search: "
+            f"{found['test_mean']:.4f} ({found['test_mean'] - fixed[best_label]['test_mean']:+.4f}). "
+            f"Search wall time {found['wall_seconds']:.0f}s; building {found['build_share_percent']:.2f}% of evaluating.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -20,13 +20,13 @@ import time
 import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from infra.dask import settings_task_runner
 from pydantic import BaseModel
 
+from infra.dask import settings_task_runner
 from pcbmerge.search_config import SearchPipelineConfig
 from pcbmerge.search_plot import convergence_png
 from pcbmerge.settings import load_settings
-from tasks.components import compute_components, components_folder
+from tasks.components import components_folder, compute_components
 from tasks.evaluate import evaluate_checkpoint
 from tasks.fetch import fetch_checkpoint
 from tasks.merge import merge_checkpoint
@@ -165,13 +165,24 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
 
         track_results(run_id, yaml.safe_dump(final.model_dump(mode="json"), sort_keys=False), {"merged": test_scores}, {"pcbmerge.method": merge.method_name})
         rounds = [r.model_dump(mode="json") for s in states for r in s.rounds]
-        summary = {"lambdas": best.lambdas, "ratio": best.ratio, "best_fitness": best.fitness, "evaluations": outcome.evaluations,
-                   "rounds": outcome.rounds, "stopped": {str(s.ratio): s.stop for s in states}}
+        summary = {
+            "lambdas": best.lambdas,
+            "ratio": best.ratio,
+            "best_fitness": best.fitness,
+            "evaluations": outcome.evaluations,
+            "rounds": outcome.rounds,
+            "stopped": {str(s.ratio): s.stop for s in states},
+        }
         track_search_summary(run_id, convergence_png(rounds, [inputs[ref].label for ref in merge.models]), summary, _search_tags(config, outcome))
         lineage = lineage_node(final, inputs, merged, run_id, flow_run.get_id())
-        lineage["search"] = {"settings": config.search.model_dump(mode="json"), "evaluations": outcome.evaluations,
-                             "layer_groups": config.search.layer_groups,
-                             "rounds": outcome.rounds, "best_fitness": best.fitness, "ratio": best.ratio}
+        lineage["search"] = {
+            "settings": config.search.model_dump(mode="json"),
+            "evaluations": outcome.evaluations,
+            "layer_groups": config.search.layer_groups,
+            "rounds": outcome.rounds,
+            "best_fitness": best.fitness,
+            "ratio": best.ratio,
+        }
         registered = register_model(run_id, config.experiment, merged.folder, config.register_as, lineage) if config.register_as else None
         if registered is None:
             log_lineage(run_id, lineage)
@@ -180,12 +191,14 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
         status = "FINISHED"
     finally:
         finish_tracking(run_id, status)
-    return outcome.model_copy(update={
-        "folder": merged.folder,
-        "model_uri": registered["uri"] if registered else None,
-        "test_scores": test_scores,
-        "history": [*outcome.history, EvaluationRecord(stage="final", split=config.evaluation.split)],
-    })
+    return outcome.model_copy(
+        update={
+            "folder": merged.folder,
+            "model_uri": registered["uri"] if registered else None,
+            "test_scores": test_scores,
+            "history": [*outcome.history, EvaluationRecord(stage="final", split=config.evaluation.split)],
+        }
+    )
 
 
 def with_ratio(config: SearchPipelineConfig, ratio: float | None) -> SearchPipelineConfig:
@@ -224,8 +237,13 @@ def _outcome(states: list[SearchState], best: Candidate, run_id: str, finished: 
 
 
 def _history(state: SearchState) -> dict:
-    return {"key": state.key, "ratio": state.ratio, "stop": state.stop, "best": state.best.model_dump() if state.best else None,
-            "evaluations": [c.model_dump() for c in state.candidates()]}
+    return {
+        "key": state.key,
+        "ratio": state.ratio,
+        "stop": state.stop,
+        "best": state.best.model_dump() if state.best else None,
+        "evaluations": [c.model_dump() for c in state.candidates()],
+    }
 
 
 def _artifact_path(ratio: float | None) -> str:

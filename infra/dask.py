@@ -9,8 +9,8 @@ workers (the workers inherit `PREFECT_API_URL` from the environment when the clu
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -31,9 +31,7 @@ def task_runner(search: SearchSettings):
 
         # One thread per worker process: torch and lm-eval use the process's cores; parallelism comes
         # from the processes.
-        return DaskTaskRunner(
-            cluster_kwargs={"n_workers": search.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
-        )
+        return DaskTaskRunner(cluster_kwargs={"n_workers": search.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"})
     return ThreadPoolTaskRunner(max_workers=search.workers)
 
 

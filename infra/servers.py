@@ -178,9 +178,7 @@ def read_state(workdir: Path) -> Servers | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return Servers(
-        workdir=data["workdir"], host=data["host"], prefect=ServerProcess(**data["prefect"]), mlflow=ServerProcess(**data["mlflow"])
-    )
+    return Servers(workdir=data["workdir"], host=data["host"], prefect=ServerProcess(**data["prefect"]), mlflow=ServerProcess(**data["mlflow"]))
 
 
 def is_ours(record: ServerProcess) -> bool:
@@ -209,8 +207,7 @@ def start_servers(
     previous = read_state(workdir)
     if previous is not None and (is_ours(previous.prefect) or is_ours(previous.mlflow)):
         raise MergeInputError(
-            f"servers from {workdir / STATE_FILE} are still running (Prefect {previous.prefect.url}, MLflow {previous.mlflow.url}); "
-            "run `pcbmerge down` first"
+            f"servers from {workdir / STATE_FILE} are still running (Prefect {previous.prefect.url}, MLflow {previous.mlflow.url}); run `pcbmerge down` first"
         )
     if prefect_port == mlflow_port:
         raise MergeInputError(f"--prefect-port and --mlflow-port are both {prefect_port}; give two different ports")
@@ -274,9 +271,7 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], log_path: Path, url: 
 
     handle = log_path.open("ab")
     try:
-        proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_path.parent
-        )
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=log_path.parent)
     finally:
         handle.close()
     shown = [redact(part) for part in cmd]

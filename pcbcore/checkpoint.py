@@ -18,9 +18,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -121,9 +121,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         except (KeyError, TypeError, IndexError, ValueError):
             raise MergeInputError(f"safetensors file '{path}' is corrupt: bad header entry for tensor '{name}'") from None
     if 8 + header_len + end > size:
-        raise MergeInputError(
-            f"safetensors file '{path}' is truncated: its header needs {8 + header_len + end} bytes but the file has {size}"
-        )
+        raise MergeInputError(f"safetensors file '{path}' is truncated: its header needs {8 + header_len + end} bytes but the file has {size}")
     return header, 8 + header_len
 
 
@@ -150,7 +148,9 @@ class CheckpointReader:
                     if name != "__metadata__":
                         info = TensorInfo(name, DTYPES[entry["dtype"]], tuple(entry["shape"]), file, data_start + int(entry["data_offsets"][0]))
                         if info.nbytes != int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]):
-                            raise MergeInputError(f"safetensors file '{file}' is corrupt: tensor '{name}' has {list(info.shape)} {entry['dtype']} entries but a different byte range")
+                            raise MergeInputError(
+                                f"safetensors file '{file}' is corrupt: tensor '{name}' has {list(info.shape)} {entry['dtype']} entries but a different byte range"
+                            )
                         self.tensors[name] = info
         if not self.tensors:
             raise MergeInputError(f"model folder '{self.folder}' has weight files but no tensors in them")
@@ -244,7 +244,9 @@ class ShardedWriter:
     several consecutive row blocks. Shards are cut at `max_shard_bytes` (a tensor never spans shards).
     """
 
-    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None):
+    def __init__(
+        self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None
+    ):
         self.folder = folder
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
@@ -284,7 +286,9 @@ class ShardedWriter:
 
     def write(self, name: str, block: torch.Tensor) -> None:
         """Append `block` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""
-        assert self._pos < len(self._order) and self._order[self._pos][1] == name, f"writer expected {self._order[self._pos][1] if self._pos < len(self._order) else 'nothing'}, got {name}"
+        assert self._pos < len(self._order) and self._order[self._pos][1] == name, (
+            f"writer expected {self._order[self._pos][1] if self._pos < len(self._order) else 'nothing'}, got {name}"
+        )
         shard = self._order[self._pos][0]
         if shard != self._open:
             self._open_shard(shard)

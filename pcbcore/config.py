@@ -63,7 +63,9 @@ class RawMergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     merge_method: str = Field(description="linear | task_arithmetic | ties | dare_linear | dare_ties | pcb")
-    base_model: str | None = Field(default=None, description="the pre-trained checkpoint: a folder (or, in the pipeline, org/name@rev on the Hub, or models:/NAME/VERSION)")
+    base_model: str | None = Field(
+        default=None, description="the pre-trained checkpoint: a folder (or, in the pipeline, org/name@rev on the Hub, or models:/NAME/VERSION)"
+    )
     models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
     dtype: str | None = Field(default=None, description="dtype to read the inputs in (default: as stored)")
@@ -94,13 +96,13 @@ class MergeConfig(BaseModel):
     def lambdas(self) -> list[float]:
         return [m.lambda_ for m in self.model_params]
 
-    def with_lambdas(self, lambdas: list[float]) -> "MergeConfig":
+    def with_lambdas(self, lambdas: list[float]) -> MergeConfig:
         if len(lambdas) != len(self.models):
             raise MergeInputError(f"{len(lambdas)} coefficients given for {len(self.models)} models")
         params = tuple(m.model_copy(update={"lambda_": float(x)}) for m, x in zip(self.model_params, lambdas))
         return self.model_copy(update={"model_params": params})
 
-    def with_paths(self, resolve) -> "MergeConfig":
+    def with_paths(self, resolve) -> MergeConfig:
         """The same merge with every model reference replaced by `resolve(ref)` (a local folder)."""
         return self.model_copy(
             update={

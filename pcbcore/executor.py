@@ -19,9 +19,9 @@ import json
 import logging
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import yaml
@@ -234,7 +234,9 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
     return stats
 
 
-def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor, torch.Tensor]]:
+def stream_components(
+    config: MergeConfig, loader: BlockLoader, progress: Progress | None = None
+) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor, torch.Tensor]]:
     """Yield (tensor, rows, base block (m,), components (n, m)) for every block of every merged tensor."""
     inputs = loader.inputs
     method, params, model_params = config.method, config.params, list(config.model_params)
@@ -250,7 +252,9 @@ def stream_components(config: MergeConfig, loader: BlockLoader, progress: Progre
             progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
 
 
-def merged_blocks(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor]]:
+def merged_blocks(
+    config: MergeConfig, loader: BlockLoader, progress: Progress | None = None
+) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor]]:
     """Yield (tensor, rows, θ_pre + Σ λ_i C_i as float32 (m,)) for every block of every merged tensor.
 
     For a method whose components are fixed multiples of the task vectors (C_i = s_i τ_i: linear, task
@@ -350,7 +354,9 @@ def model_card(config: MergeConfig) -> str:
     desc = config.describe()
     lines = [
         "---",
-        yaml.safe_dump({"base_model": config.base_model, "tags": ["merge", "pcbmerge", config.method_name], "library_name": "transformers"}, sort_keys=False).strip(),
+        yaml.safe_dump(
+            {"base_model": config.base_model, "tags": ["merge", "pcbmerge", config.method_name], "library_name": "transformers"}, sort_keys=False
+        ).strip(),
         "---",
         "",
         f"# Merged model ({config.method_name})",
@@ -460,7 +466,9 @@ class _MemoryReader:
         pass
 
 
-def merge_state_dicts(config: MergeConfig, base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], device: str = "auto") -> dict[str, torch.Tensor]:
+def merge_state_dicts(
+    config: MergeConfig, base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], device: str = "auto"
+) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts exactly as `merge_to_folder` merges folders (same blocks, same maths).
 
     `config.models` only labels the inputs here; `models` are the fine-tuned state dicts in that order.

@@ -90,7 +90,9 @@ def keep_freed_memory() -> bool:
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         _tuned = True  # set at start-up already, maybe higher than mallopt may set
         return _tuned
-    _tuned = all(mallopt(option, value) == 1 for option, value in ((M_MMAP_THRESHOLD, RUN_TIME_MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
+    _tuned = all(
+        mallopt(option, value) == 1 for option, value in ((M_MMAP_THRESHOLD, RUN_TIME_MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+    )
     return _tuned
 
 

@@ -21,8 +21,8 @@ than 16M entries; `torch.kthvalue` needs the whole vector and is ~3× slower tha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

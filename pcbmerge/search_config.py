@@ -93,7 +93,7 @@ class SearchSettings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_runner(self) -> "SearchSettings":
+    def _one_runner(self) -> SearchSettings:
         if self.dask_workers is not None and self.dask_address is not None:
             raise ValueError("give dask_workers (a local cluster) or dask_address (an existing one), not both")
         lo, hi = self.bounds

@@ -35,7 +35,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     cache_dir = Path(env.get("PCBMERGE_CACHE_DIR", home / "cache")).expanduser().resolve()
     tracking_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     return Settings(
-        home=home, cache_dir=cache_dir, tracking_uri=tracking_uri, device=env.get("PCBMERGE_DEVICE", "auto"),
+        home=home,
+        cache_dir=cache_dir,
+        tracking_uri=tracking_uri,
+        device=env.get("PCBMERGE_DEVICE", "auto"),
         dask_address=env.get("PCBMERGE_DASK_ADDRESS") or None,
     )
 

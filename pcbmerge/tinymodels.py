@@ -34,7 +34,7 @@ def save_tiny_llama(folder: Path, seed: int, base: Path | None = None, scale: fl
         base_model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
         gen = torch.Generator().manual_seed(seed + 1000)
         with torch.no_grad():
-            for (name, p), (_, q) in zip(model.named_parameters(), base_model.named_parameters()):
+            for (_, p), (_, q) in zip(model.named_parameters(), base_model.named_parameters()):
                 p.copy_(q + scale * torch.randn(q.shape, generator=gen))
     model.to(dtype).save_pretrained(folder)
     return folder

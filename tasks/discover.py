@@ -52,9 +52,7 @@ def source_kind(source: str) -> str:
         return "folder"
     if HUB_ID.match(source) and "@" not in source:
         return "hub"
-    raise MergeInputError(
-        f"watch source '{source}' is not a folder, a Hub repo id (org/name, without @revision) or a registered model (models:/NAME)"
-    )
+    raise MergeInputError(f"watch source '{source}' is not a folder, a Hub repo id (org/name, without @revision) or a registered model (models:/NAME)")
 
 
 def _retry_transient(task, task_run, state) -> bool:

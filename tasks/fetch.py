@@ -23,9 +23,9 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from prefect import task
 from prefect.tasks import exponential_backoff

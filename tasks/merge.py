@@ -81,9 +81,7 @@ def merge_checkpoint(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint
     else:
         ours = not config.output  # a key-named cache folder without the key is a stale leftover: replace it
         text = KEY_LINE + key + "\n" + yaml.safe_dump(config.merge_data(), sort_keys=False)
-        report = merge_to_folder(
-            merge, folder, device=device, overwrite=config.overwrite or ours, progress=_ProgressLog(logger), config_text=text
-        )
+        report = merge_to_folder(merge, folder, device=device, overwrite=config.overwrite or ours, progress=_ProgressLog(logger), config_text=text)
         logger.info("merged %d tensors with %s in %.1fs on %s", report.tensors_merged, report.method, report.seconds, report.device)
     return MergedCheckpoint(
         folder=str(folder),

@@ -207,7 +207,9 @@ def tell_population(state: SearchState, es: Any, population: list[list[float]], 
     return state.model_copy(update={"cma_state": pickle.dumps(es), "rounds": [*state.rounds, record], "best": best, "stop": stop})
 
 
-def candidate_requests(config: SearchPipelineConfig, components_folder: str, components_key: str, tokenizer_folder: str, population: list[list[float]], cache_dir: str, device: str) -> list[CandidateRequest]:
+def candidate_requests(
+    config: SearchPipelineConfig, components_folder: str, components_key: str, tokenizer_folder: str, population: list[list[float]], cache_dir: str, device: str
+) -> list[CandidateRequest]:
     evaluation = config.evaluation
     return [
         CandidateRequest(
@@ -436,7 +438,9 @@ def default_popsize(n_models: int) -> int:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="merge layer groups")
-def merge_layer_groups(config: SearchPipelineConfig, components_folder: str, components_key: str, genome: list[float], tokenizer_folder: str, cache_dir: str, device: str):
+def merge_layer_groups(
+    config: SearchPipelineConfig, components_folder: str, components_key: str, genome: list[float], tokenizer_folder: str, cache_dir: str, device: str
+):
     """Write the merge a per-layer-group genome names (the streaming merge takes one λ per model, so this one
     is built from the stored components, like a candidate, and saved with transformers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -155,9 +155,7 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client()
-    logged = mlflow_client.create_logged_model(
-        experiment_id(experiment), name=name, source_run_id=run_id, tags={"pcbmerge.method": str(lineage.get("method"))}
-    )
+    logged = mlflow_client.create_logged_model(experiment_id(experiment), name=name, source_run_id=run_id, tags={"pcbmerge.method": str(lineage.get("method"))})
     mlflow_client.log_model_artifacts(logged.model_id, folder)
     mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     try:
@@ -313,9 +311,7 @@ def lineage_node(config, inputs: dict, merged, run_id: str, flow_run_id: str | N
     models by reading their own node, recursively.
     """
     merge = config.merge_config()
-    entries = [("base", merge.base_model, None)] + [
-        ("model", ref, params.model_dump(by_alias=True)) for ref, params in zip(merge.models, merge.model_params)
-    ]
+    entries = [("base", merge.base_model, None)] + [("model", ref, params.model_dump(by_alias=True)) for ref, params in zip(merge.models, merge.model_params)]
     return {
         "model": merged.folder,
         "method": merge.method_name,

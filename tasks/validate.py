@@ -49,13 +49,9 @@ def validate_checkpoints(config: PipelineConfig, inputs: dict[str, FetchedCheckp
         found = _architecture(inputs[ref])
         for key in ARCHITECTURE_KEYS:
             if key in expected and key in found and expected[key] != found[key]:
-                raise MergeInputError(
-                    f"model '{ref}' has {key} {found[key]!r} but base model '{merge.base_model}' has {expected[key]!r}"
-                )
+                raise MergeInputError(f"model '{ref}' has {key} {found[key]!r} but base model '{merge.base_model}' has {expected[key]!r}")
     opened = open_inputs(merge.with_paths(lambda ref: inputs[ref].folder))
     try:
-        return ValidatedInputs(
-            tensors_merged=len(opened.merged), tensors_copied=len(opened.passthrough), parameters_merged=opened.numel
-        )
+        return ValidatedInputs(tensors_merged=len(opened.merged), tensors_copied=len(opened.passthrough), parameters_merged=opened.numel)
     finally:
         opened.close()

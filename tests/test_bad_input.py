@@ -89,8 +89,10 @@ def test_corrupt_safetensors_header(zoo, capsys):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_inf_in_an_input_tensor(zoo, capsys, value):
     tmp, base, models = zoo
+
     def poison(t):
         t["model.layers.1.mlp.down_proj.weight"][3, 4] = value
+
     bad = copy_model(models[1], tmp / "bad", poison)
     refuse(capsys, tmp, write_config(tmp, base, [models[0], bad]), "model.layers.1.mlp.down_proj.weight", "NaN or Inf", str(bad))
 
@@ -99,10 +101,13 @@ def test_a_task_vector_that_overflows_float32(zoo, capsys):
     """Finite inputs whose difference does not fit in float32 are named as such, not as NaN/Inf."""
     tmp, base, models = zoo
     name = "model.layers.1.mlp.down_proj.weight"
+
     def low(t):
         t[name][3, 4] = -3e38
+
     def high(t):
         t[name][3, 4] = 3e38
+
     far_base, far = copy_model(base, tmp / "far-base", low), copy_model(models[1], tmp / "far", high)
     refuse(capsys, tmp, write_config(tmp, far_base, [models[0], far]), name, str(far), "more than float32 can hold")
 
@@ -199,7 +204,9 @@ def test_a_full_disk_leaves_nothing_behind(zoo):
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
         "from pcbmerge.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    proc = subprocess.run([sys.executable, "-c", script, "merge", str(config), str(tmp / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "merge", str(config), str(tmp / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write output folder '{tmp / 'out'}'")
     assert not (tmp / "out").exists() and not list(tmp.glob(".out.tmp-*"))

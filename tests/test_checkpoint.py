@@ -56,7 +56,11 @@ def test_cli_merge_of_a_bf16_zoo_matches_in_memory_maths(tmp_path):
 
     base, models = build_tiny_zoo(tmp_path / "zoo", n_models=2, dtype=torch.bfloat16)
     cfg = tmp_path / "ta.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "zoo/base", "models": [{"model": "zoo/ft0"}, {"model": "zoo/ft1"}], "parameters": {"lambda": 0.5}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"merge_method": "task_arithmetic", "base_model": "zoo/base", "models": [{"model": "zoo/ft0"}, {"model": "zoo/ft1"}], "parameters": {"lambda": 0.5}}
+        )
+    )
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--device", "cpu"]) == 0
     b, m0, m1, out = (CheckpointReader(p) for p in (base, *models, tmp_path / "out"))
     for name in b.tensors:

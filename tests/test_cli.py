@@ -37,7 +37,9 @@ def test_merge_command_ends_with_its_output_whole(tiny_zoo, tmp_path):
     config = tmp_path / "ties.yml"
     lines = ["merge_method: ties", f"base_model: {base}", "models:"] + [f"  - model: {m}\n    parameters: {{density: 0.5}}" for m in models]
     config.write_text("\n".join(lines) + "\n")
-    done = subprocess.run([sys.executable, "-m", "pcbmerge", "merge", str(config), str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pcbmerge", "merge", str(config), str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["method"] == "ties" and report["tensors_merged"] > 0

@@ -28,9 +28,7 @@ def _fields_without_description(schema: dict) -> list[str]:
 
 @pytest.fixture
 def pipeline(tmp_path):
-    return parse_pipeline_config(
-        {"merge_method": "ties", "base_model": str(tmp_path), "models": [{"model": "a"}, {"model": "b"}], "register_as": "team"}
-    )
+    return parse_pipeline_config({"merge_method": "ties", "base_model": str(tmp_path), "models": [{"model": "a"}, {"model": "b"}], "register_as": "team"})
 
 
 def test_serve_declares_three_deployments_with_forms(pipeline, tmp_path):
@@ -123,11 +121,6 @@ def test_served_flow_survives_pickling_by_value(module, name, parameters, tmp_pa
 
     flow = getattr(importlib.import_module(module), name)
     (tmp_path / "flow.pkl").write_bytes(cloudpickle.dumps(flow))
-    check = (
-        "import cloudpickle, json, sys; flow = cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
-        "flow.validate_parameters(json.loads(sys.argv[2]))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", check, str(tmp_path / "flow.pkl"), json.dumps(parameters)], capture_output=True, text=True, timeout=300
-    )
+    check = "import cloudpickle, json, sys; flow = cloudpickle.loads(open(sys.argv[1], 'rb').read()); flow.validate_parameters(json.loads(sys.argv[2]))"
+    result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "flow.pkl"), json.dumps(parameters)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

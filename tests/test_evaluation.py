@@ -94,10 +94,21 @@ def test_evaluation_writes_only_into_its_cache(micro_zoo, tmp_path, monkeypatch)
 
 
 def test_cli_json_prints_only_the_scores(micro_zoo, tmp_path, capsys):
-    code = main([
-        "eval", str(micro_zoo.experts["zoo_polarity"]), "--tasks", "zoo_polarity,zoo_sort",
-        "--include-path", str(micro_zoo.task_dir), "--json", "--cache-dir", str(tmp_path), "--limit", "8",
-    ])
+    code = main(
+        [
+            "eval",
+            str(micro_zoo.experts["zoo_polarity"]),
+            "--tasks",
+            "zoo_polarity,zoo_sort",
+            "--include-path",
+            str(micro_zoo.task_dir),
+            "--json",
+            "--cache-dir",
+            str(tmp_path),
+            "--limit",
+            "8",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert list(printed) == ["zoo_polarity", "zoo_sort"]
@@ -106,8 +117,22 @@ def test_cli_json_prints_only_the_scores(micro_zoo, tmp_path, capsys):
 
 
 def test_cli_table(micro_zoo, tmp_path, capsys):
-    code = main(["eval", str(micro_zoo.base), "--tasks", "zoo_sort", "--include-path", str(micro_zoo.task_dir),
-                 "--cache-dir", str(tmp_path), "--limit", "4", "--split", "validation"])
+    code = main(
+        [
+            "eval",
+            str(micro_zoo.base),
+            "--tasks",
+            "zoo_sort",
+            "--include-path",
+            str(micro_zoo.task_dir),
+            "--cache-dir",
+            str(tmp_path),
+            "--limit",
+            "4",
+            "--split",
+            "validation",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "zoo_sort" in out and "exact_match" in out and "mean" in out
@@ -149,10 +174,12 @@ def test_content_hash_follows_the_weights(micro_zoo):
 
 
 def test_eval_result_json_table_and_mean():
-    result = EvalResult(scores={
-        "a": TaskScore(metric="acc", value=0.5, stderr=0.1),
-        "b": TaskScore(metric="exact_match", value=1.0, stderr=None),
-    })
+    result = EvalResult(
+        scores={
+            "a": TaskScore(metric="acc", value=0.5, stderr=0.1),
+            "b": TaskScore(metric="exact_match", value=1.0, stderr=None),
+        }
+    )
     assert result.mean() == pytest.approx(0.75)
     assert result.to_json() == {
         "a": {"metric": "acc", "value": 0.5, "stderr": 0.1},

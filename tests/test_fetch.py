@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pcbcore.errors import MergeInputError
-from tasks.fetch import FetchedCheckpoint, fetch_checkpoint, fingerprint_folder, is_transient, TransientFetchError
+from tasks.fetch import FetchedCheckpoint, TransientFetchError, fetch_checkpoint, fingerprint_folder, is_transient
 from tasks.track import parse_model_uri
 
 

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc malloc tuning only")
 
-PROBE = '''
+PROBE = """
 import json, os, subprocess, sys
 from pcbcore import memory
 memory.restart_with_malloc_settings("probe", sys.argv[1:])
@@ -26,7 +26,7 @@ print(json.dumps({
     "tuned": memory.keep_freed_memory(),
     "child_sees": child.stdout.strip(),
 }))
-'''
+"""
 
 
 def run_probe(tmp_path, **env):

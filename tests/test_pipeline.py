@@ -191,9 +191,7 @@ def test_incompatible_checkpoints_are_refused_before_merging(micro_zoo, tiny_zoo
         merge_flow(config)
     assert not out.exists() and not list(tmp_path.glob(".never*"))
     assert not mlflow_client.search_model_versions("name='pipeline-mismatch'")
-    failed = mlflow_client.search_runs(
-        [mlflow_client.get_experiment_by_name("pcbmerge").experiment_id], "attributes.status = 'FAILED'"
-    )
+    failed = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("pcbmerge").experiment_id], "attributes.status = 'FAILED'")
     assert failed  # the flow's MLflow run is closed as FAILED
 
 

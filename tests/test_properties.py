@@ -50,7 +50,11 @@ def test_lambda_zero_gives_the_base(method, params, seed, n):
         assert torch.equal(out[name], base[name])
 
 
-@pytest.mark.parametrize("method,params", [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare_linear", {}), ("dare_ties", {}), ("pcb", {"ratio": 1.0})], ids=str)
+@pytest.mark.parametrize(
+    "method,params",
+    [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare_linear", {}), ("dare_ties", {}), ("pcb", {"ratio": 1.0})],
+    ids=str,
+)
 @PROPERTY
 @given(seed=st.integers(0, 10_000))
 def test_one_model_at_full_density_gives_that_model(method, params, seed):

@@ -116,7 +116,9 @@ def test_tensor_scope_differs_from_model_scope(tiny_zoo, tmp_path):
     base, models = tiny_zoo
     outs = {}
     for scope in ("tensor", "model"):
-        config = parse_merge_config({"merge_method": "pcb", "base_model": str(base), "models": [{"model": str(m)} for m in models], "parameters": {"scope": scope}})
+        config = parse_merge_config(
+            {"merge_method": "pcb", "base_model": str(base), "models": [{"model": str(m)} for m in models], "parameters": {"scope": scope}}
+        )
         executor.merge_to_folder(config, tmp_path / scope, device="cpu")
         outs[scope] = CheckpointReader(tmp_path / scope)
     name = "model.layers.0.mlp.up_proj.weight"

@@ -73,8 +73,15 @@ def test_a_search_needs_evaluation_and_ratio_grid_only_for_pcb():
 def _sphere(population):
     """A stand-in fitness (maximised at λ = 1.2), as `CandidateScore`s."""
     return [
-        CandidateScore(lambdas=x, scores={"t": -sum((v - 1.2) ** 2 for v in x)}, fitness=-sum((v - 1.2) ** 2 for v in x),
-                       split="validation", build_seconds=0.0, eval_seconds=0.0, worker="here")
+        CandidateScore(
+            lambdas=x,
+            scores={"t": -sum((v - 1.2) ** 2 for v in x)},
+            fitness=-sum((v - 1.2) ** 2 for v in x),
+            split="validation",
+            build_seconds=0.0,
+            eval_seconds=0.0,
+            worker="here",
+        )
         for x in population
     ]
 
@@ -153,9 +160,7 @@ def test_candidates_ran_in_the_dask_workers(dask_search):
     _, outcome = dask_search
     workers = {e.worker for e in outcome.history if e.stage == "search"}
     assert None not in workers and not any(w.endswith(f":{os.getpid()}") for w in workers)  # not this process
-    children = client().search_runs(
-        [client().get_run(outcome.run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'"
-    )
+    children = client().search_runs([client().get_run(outcome.run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'")
     assert len(children) == outcome.evaluations
     assert {"fitness", "validation.zoo_reverse", "build_seconds"} <= set(children[0].data.metrics)
     assert {"lambda.0", "lambda.1"} <= set(children[0].data.params)

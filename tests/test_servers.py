@@ -91,7 +91,9 @@ def test_down_never_stops_a_process_it_did_not_start(tmp_path):
         state = Servers(str(tmp_path), "127.0.0.1", fake, ServerProcess("mlflow", 2**22 + 7, 0.0, "http://127.0.0.1:2", "", "", []))
         from dataclasses import asdict
 
-        (tmp_path / "servers.json").write_text(json.dumps({"workdir": state.workdir, "host": state.host, "prefect": asdict(fake), "mlflow": asdict(state.mlflow)}))
+        (tmp_path / "servers.json").write_text(
+            json.dumps({"workdir": state.workdir, "host": state.host, "prefect": asdict(fake), "mlflow": asdict(state.mlflow)})
+        )
         lines = stop_servers(tmp_path)
         assert all("no longer running" in line for line in lines)
         assert stranger.poll() is None, "down stopped a process it did not start"

@@ -26,7 +26,6 @@ from pcbcore.methods.task_arithmetic import task_arithmetic_scales
 from pcbcore.methods.ties import disjoint_components, sign_majority_stage
 from pcbcore.stats import Block, Stage, Stats, row_spans
 
-
 # Entries per mask chunk (rounded to whole rows): part of the masks' definition.
 DARE_CHUNK_ENTRIES = 1 << 20
 

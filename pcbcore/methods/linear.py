@@ -17,7 +17,7 @@ class LinearParams(FrozenModel):
     normalize: bool = Field(True, description="divide by the sum of weights (must stay true)")
 
     @model_validator(mode="after")
-    def _only_normalized(self) -> "LinearParams":
+    def _only_normalized(self) -> LinearParams:
         if not self.normalize:
             raise ValueError("linear merging needs normalize: true (an unnormalised weighted sum of models is not supported)")
         return self

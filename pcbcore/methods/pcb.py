@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import FrozenModel, Fraction, MergeMethod, ModelParams, Scope
+from pcbcore.methods.base import Fraction, FrozenModel, MergeMethod, ModelParams, Scope
 from pcbcore.stats import Block, Stage, Stats, apply_map_, kth_smallest_stages, norm_map, sum_rows
 
 

@@ -28,7 +28,7 @@ class TiesParams(MergekitMemoryOption):
     rescale: bool = Field(False, description="mergekit's norm rescaling after the trim; only false is supported")
 
     @model_validator(mode="after")
-    def _no_rescale(self) -> "TiesParams":
+    def _no_rescale(self) -> TiesParams:
         if self.rescale:
             raise ValueError("ties with rescale: true is not supported (the TIES paper does not rescale)")
         return self

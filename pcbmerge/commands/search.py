@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     state = "finished" if outcome.finished else "paused (resume with --resume)"
     print(f"search {state}: {outcome.rounds} rounds, {outcome.evaluations} evaluations")
     ratio = "" if outcome.ratio is None else f" at ratio {outcome.ratio}"
-    print(f"best λ = [{', '.join(f'{x:.4f}' for x in outcome.lambdas)}]{ratio}: validation fitness {outcome.best_fitness:.4f} (start {outcome.start_fitness:.4f})")
+    print(
+        f"best λ = [{', '.join(f'{x:.4f}' for x in outcome.lambdas)}]{ratio}: validation fitness {outcome.best_fitness:.4f} (start {outcome.start_fitness:.4f})"
+    )
     share = outcome.build_seconds / max(outcome.build_seconds + outcome.eval_seconds, 1e-9)
     print(f"time: building candidates {outcome.build_seconds:.2f}s, evaluating {outcome.eval_seconds:.2f}s ({100 * share:.1f}% building)")
     if outcome.test_scores:
@@ -108,6 +110,8 @@ def demo_search(zoo, work: Path, size: str, limit: int | None) -> tuple[str, dic
     outcome = run_search(config)
     lambdas = ", ".join(f"{x:.2f}" for x in outcome.lambdas)
     share = 100 * outcome.build_seconds / max(outcome.eval_seconds, 1e-9)
-    line = (f"{outcome.evaluations} candidates in {outcome.rounds} rounds, λ = [{lambdas}], validation fitness "
-            f"{outcome.start_fitness:.3f} → {outcome.best_fitness:.3f}; building took {share:.1f}% of evaluating")
+    line = (
+        f"{outcome.evaluations} candidates in {outcome.rounds} rounds, λ = [{lambdas}], validation fitness "
+        f"{outcome.start_fitness:.3f} → {outcome.best_fitness:.3f}; building took {share:.1f}% of evaluating"
+    )
     return "merge: pcb (release) + CMA-ES", outcome.test_scores, outcome.model_uri, line

@@ -115,16 +115,12 @@ def _build_into(work: Path, target: Path, preset: SizePreset, size: str, seed: i
     hashes: dict[str, str] = {}
     with deterministic_torch(seed):
         base = new_model(preset.shape, tokenizer, seed)
-        final_loss["base"] = train(
-            base, tokenizer, _format_corpus(tasks, splits, seed), preset.pretrain, seed, mask_prompt=False, label="base"
-        )
+        final_loss["base"] = train(base, tokenizer, _format_corpus(tasks, splits, seed), preset.pretrain, seed, mask_prompt=False, label="base")
         hashes["base"] = _save(base, tokenizer, work / "base")
         for name in tasks.names:
             expert = copy.deepcopy(base)
             lines = [Line(text=e.prompt + e.answer + "\n", prompt_chars=len(e.prompt)) for e in splits[name]["train"]]
-            final_loss[name] = train(
-                expert, tokenizer, lines, preset.finetune, seed, mask_prompt=True, label=name
-            )
+            final_loss[name] = train(expert, tokenizer, lines, preset.finetune, seed, mask_prompt=True, label=name)
             hashes[name] = _save(expert, tokenizer, work / "experts" / name)
 
     manifest = ZooManifest(

@@ -134,9 +134,7 @@ class TaskSet:
         return Example(prompt=f"pol:{' '.join(words)}=", answer=answer, choices=choices, label=choices.index(answer))
 
 
-def draw_splits(
-    tasks: TaskSet, name: str, sizes: dict[str, int], seed: int
-) -> dict[str, list[Example]]:
+def draw_splits(tasks: TaskSet, name: str, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
     """Draw examples with distinct prompts and deal them into splits (e.g. test, validation, train).
 
     Prompts are unique across all splits, so evaluation never sees an item the experts were tuned on and

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -124,9 +124,7 @@ def train(
 ) -> float:
     """Train `model` in place on batches drawn from `lines`; returns the mean loss of the last 20 steps."""
     rng = random.Random(f"batches-{label}-{seed}")
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
     model.train()
     recent: list[float] = []
     for step in range(settings.steps):

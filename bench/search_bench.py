@@ -52,7 +52,7 @@ def main() -> int:
     os.environ.setdefault("MPLCONFIGDIR", str(work / "mpl"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
-    from pcbmerge.zoo import build_zoo, load_zoo
+    from pipeline.zoo import build_zoo, load_zoo
 
     zoo_dir = work / f"zoo-{args.size}"
     if not (zoo_dir / "zoo.json").is_file():
@@ -78,8 +78,8 @@ def time_candidates(zoo, work: Path, args) -> dict:
 
     from pcbcore.config import parse_merge_config
     from pcbcore.executor import StoredComponents, compute_components
-    from pcbmerge.evaluation import evaluate_model
-    from tasks.search import build_candidate
+    from pipeline.candidates import build_candidate
+    from pipeline.evaluation import evaluate_model
 
     data = {
         "merge_method": "pcb",
@@ -125,8 +125,8 @@ def fixed_methods(zoo, work: Path, args) -> dict:
 
     from pcbcore.config import parse_merge_config
     from pcbcore.executor import merge_to_folder
-    from pcbmerge.commands.demo import DEMO_MERGES
-    from pcbmerge.evaluation import evaluate_path
+    from pipeline.demo_configs import DEMO_MERGES
+    from pipeline.evaluation import evaluate_path
 
     out = {}
     for label, method, params in DEMO_MERGES:
@@ -147,8 +147,8 @@ def fixed_methods(zoo, work: Path, args) -> dict:
 
 def search(zoo, work: Path, args) -> dict:
     """Part 2b: `pcbmerge search` with PCB (`--variant`) on the validation split."""
-    from pcbmerge.commands.search import run_search
-    from pcbmerge.search_config import parse_search_config
+    from infra.task_runners import run_search
+    from pipeline.search_config import parse_search_config
 
     config = parse_search_config(
         {

@@ -2,26 +2,28 @@
 
 Run it with `pcbmerge run CONFIG.yml`, or as a deployment (the `PipelineConfig` parameter renders as a
 form in the Prefect UI). Without a Prefect server it runs in Prefect's ephemeral local mode; MLflow
-tracking goes where `pcbmerge.settings` says (`sqlite:///$PCBMERGE_HOME/mlflow.db` by default).
+tracking goes where `pipeline.settings` says (`sqlite:///$PCBMERGE_HOME/mlflow.db` by default).
 """
 
 # No `from __future__ import annotations`: a served flow is pickled by value into its run process, and
 # pydantic must find the parameter and return classes themselves there, not names to look up.
-
-import os
 
 import yaml
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from pcbmerge.evaluation import EvalResult
-from pcbmerge.pipeline_config import PipelineConfig
-from pcbmerge.settings import load_settings
+from flows.run_context import prefect_tags, tracked_params
+from pipeline.config import PipelineConfig
+from pipeline.lineage import lineage_node
+from pipeline.outputs import MergedCheckpoint
+from pipeline.references import FetchedCheckpoint
+from pipeline.scores import EvalResult
+from pipeline.settings import load_settings
 from tasks.evaluate import evaluate_checkpoint
-from tasks.fetch import FetchedCheckpoint, fetch_checkpoint
-from tasks.merge import MergedCheckpoint, merge_checkpoint
-from tasks.track import finish_tracking, lineage_node, log_lineage, register_model, start_tracking, track_results
+from tasks.fetch import fetch_checkpoint
+from tasks.merge import merge_checkpoint
+from tasks.track import finish_tracking, log_lineage, register_model, start_tracking, track_results
 from tasks.validate import validate_checkpoints
 
 
@@ -43,7 +45,7 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
     settings = load_settings()
     cache_dir, device = str(settings.cache_dir), config.device if config.device != "auto" else settings.device
     merge = config.merge_config()
-    run_id = start_tracking(config.experiment, config.name or config.register_as or merge.method_name, _params(config), _prefect_tags())
+    run_id = start_tracking(config.experiment, config.name or config.register_as or merge.method_name, tracked_params(config), prefect_tags("merge-flow"))
     status = "FAILED"
     try:
         fetched = fetch_checkpoint.map(config.references(), cache_dir=unmapped(cache_dir)).result()
@@ -93,18 +95,3 @@ def _to_evaluate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], m
             pairs.append((label, inputs[ref]))
     pairs.append(("merged", merged))
     return pairs
-
-
-def _params(config: PipelineConfig) -> dict:
-    """The effective merge config (every parameter with its default), the evaluation block, the target."""
-    data = config.merge_config().describe()
-    data["evaluation"] = config.evaluation.model_dump() if config.evaluation else None
-    data["register_as"] = config.register_as
-    return data
-
-
-def _prefect_tags() -> dict[str, str]:
-    tags = {"prefect.flow_run_id": flow_run.get_id() or "", "prefect.flow_run_name": flow_run.get_name() or "", "prefect.flow_name": "merge-flow"}
-    if os.environ.get("PREFECT_API_URL"):  # a real server: the run has a page worth linking
-        tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
-    return tags

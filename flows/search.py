@@ -2,7 +2,7 @@
 
 Each round asks CMA-ES for a population of λ vectors, builds and scores every candidate as its own Prefect
 task on the flow's task runner (local threads by default; a Dask cluster through `prefect-dask` with
-`search.dask_workers` / `search.dask_address`, see `infra/dask.py`), tells the fitnesses and saves the
+`search.dask_workers` / `search.dask_address`, applied by the CLI and the deployments: `infra/task_runners.py`), tells the fitnesses and saves the
 state, so `resume=True` goes on from the last finished round. Only the final merge sees
 `evaluation.split` (the test split); the rounds score the validation split.
 
@@ -14,40 +14,37 @@ as a form in the Prefect UI).
 # pydantic must find the parameter and return classes themselves there, not names to look up.
 
 import json
-import os
 import time
 
 import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from infra.dask import settings_task_runner
-from pcbmerge.search_config import SearchPipelineConfig
-from pcbmerge.search_plot import convergence_png
-from pcbmerge.settings import load_settings
-from tasks.components import components_folder, compute_components
-from tasks.evaluate import evaluate_checkpoint
-from tasks.fetch import fetch_checkpoint
-from tasks.merge import merge_checkpoint
-from tasks.search import (
+from flows.run_context import prefect_tags, tracked_params
+from pipeline.lineage import lineage_node
+from pipeline.plots import convergence_png
+from pipeline.search_config import SearchPipelineConfig
+from pipeline.search_state import (
     Candidate,
     SearchState,
     ask_population,
     candidate_requests,
     describe_round,
-    evaluate_candidate,
-    load_search_state,
-    merge_layer_groups,
     new_search_state,
     resume_state,
-    save_search_state,
     search_key,
     tell_population,
 )
+from pipeline.settings import load_settings
+from tasks.components import components_folder, compute_components
+from tasks.evaluate import evaluate_checkpoint
+from tasks.fetch import fetch_checkpoint
+from tasks.merge import merge_checkpoint, merge_layer_groups
+from tasks.search import evaluate_candidate, load_search_state, save_search_state
 from tasks.track import (
     finish_tracking,
-    lineage_node,
     log_lineage,
     register_model,
     reopen_tracking,
@@ -96,7 +93,7 @@ class SearchOutcome(BaseModel):
         }
 
 
-@flow(name="search-flow", persist_result=True, task_runner=settings_task_runner(max_workers=2))
+@flow(name="search-flow", persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_rounds: int | None = None) -> SearchOutcome:
     """Search λ with CMA-ES on the validation split, then merge, test, track and register the best."""
     logger = get_run_logger()
@@ -118,7 +115,9 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
         reopen_tracking(run_id)
         logger.info("resuming the search of MLflow run %s", run_id)
     else:
-        run_id = start_tracking(config.experiment, config.name or config.register_as or f"{merge.method_name}-search", _params(config), _prefect_tags())
+        run_id = start_tracking(
+            config.experiment, config.name or config.register_as or f"{merge.method_name}-search", tracked_params(config), prefect_tags("search-flow")
+        )
 
     status = "FAILED"
     try:
@@ -158,7 +157,7 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
         else:  # λ per layer group: built from the stored components (lineage records the whole genome)
             final = with_ratio(config, best.ratio)
             chosen = stored[best.ratio]
-            merged = merge_layer_groups(final, chosen.folder, chosen.key, best.lambdas, tokenizer_folder, cache_dir, device)
+            merged = merge_layer_groups(final, config.search.layer_groups, chosen.folder, chosen.key, best.lambdas, tokenizer_folder, cache_dir, device)
         tested = evaluate_checkpoint("merged", merged.folder, merged.fingerprint, config.evaluation, cache_dir, device)
         test_scores = {task: score.value for task, score in tested.scores.items()}
         logger.info("final merge on the %s split: %s", config.evaluation.split, ", ".join(f"{t} {v:.3f}" for t, v in test_scores.items()))
@@ -257,18 +256,3 @@ def _search_tags(config: SearchPipelineConfig, outcome: SearchOutcome) -> dict[s
         "pcbmerge.search.rounds": str(outcome.rounds),
         "pcbmerge.search.best_fitness": repr(outcome.best_fitness),
     }
-
-
-def _params(config: SearchPipelineConfig) -> dict:
-    data = config.merge_config().describe()
-    data["evaluation"] = config.evaluation.model_dump()
-    data["search"] = config.search.model_dump(mode="json")
-    data["register_as"] = config.register_as
-    return data
-
-
-def _prefect_tags() -> dict[str, str]:
-    tags = {"prefect.flow_run_id": flow_run.get_id() or "", "prefect.flow_run_name": flow_run.get_name() or "", "prefect.flow_name": "search-flow"}
-    if os.environ.get("PREFECT_API_URL"):
-        tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
-    return tags

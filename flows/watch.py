@@ -18,12 +18,13 @@ from pydantic import BaseModel, Field
 
 from pcbcore.config import ModelEntry
 from pcbcore.errors import MergeInputError
-from pcbmerge.pipeline_config import PipelineConfig
-from pcbmerge.search_config import SearchPipelineConfig
-from pcbmerge.settings import load_settings
-from pcbmerge.watch_config import WatchConfig
-from tasks.discover import DiscoveredCheckpoint, discover_checkpoints, same_checkpoint, source_kind
-from tasks.track import last_merge_lineage
+from pipeline.config import PipelineConfig
+from pipeline.discovery import DiscoveredCheckpoint, same_checkpoint, source_kind
+from pipeline.registry import last_merge_lineage
+from pipeline.search_config import SearchPipelineConfig
+from pipeline.settings import load_settings
+from pipeline.watch_config import WatchConfig
+from tasks.discover import discover_checkpoints
 
 
 class WatchOutcome(BaseModel):

@@ -17,10 +17,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from pcbmerge.pipeline_config import PipelineConfig
-from pcbmerge.watch_config import WatchConfig
+from pipeline.config import PipelineConfig
+from pipeline.watch_config import WatchConfig
 
 TAGS = ["pcbmerge"]
+
+
+def watch_deployment(watch: WatchConfig, interval: int | None = None, cron: str | None = None, name: str = "watch") -> Any:
+    """The watch deployment (`pcbmerge serve --watch-source`, `pcbmerge watch --every`): the watch config as
+    its parameters, an interval or cron schedule, and one run at a time."""
+    from flows.watch import watch_flow
+
+    return watch_flow.to_deployment(
+        name=name,
+        parameters={"config": watch.model_dump(mode="json")},
+        interval=interval,
+        cron=cron,
+        # One run at a time: a slow merge must not overlap the next tick and merge the same set twice.
+        concurrency_limit=1,
+        description=f"Merge the checkpoints of {watch.source} into {watch.pipeline.register_as} whenever they change.",
+        tags=[*TAGS, "watch"],
+    )
 
 
 def build_deployments(
@@ -29,10 +46,10 @@ def build_deployments(
     interval: int | None = None,
     cron: str | None = None,
 ) -> list[Any]:
-    """RunnerDeployments for `prefect.serve`: merge and search always; watch when there is a source to watch."""
+    """RunnerDeployments for `prefect.serve`: merge and search always; watch when there is a source to watch.
+    The search runs its candidates on the task runner the serving process's settings give (`infra/task_runners.py`)."""
     from flows.merge import merge_flow
-    from flows.search import search_flow
-    from flows.watch import watch_flow
+    from infra.entrypoints import search_flow
 
     merge_params = {"config": merge_defaults.model_dump(mode="json")} if merge_defaults is not None else None
     deployments = [
@@ -49,18 +66,7 @@ def build_deployments(
         ),
     ]
     if watch is not None:
-        deployments.append(
-            watch_flow.to_deployment(
-                name="watch",
-                parameters={"config": watch.model_dump(mode="json")},
-                interval=interval,
-                cron=cron,
-                # One run at a time: a slow merge must not overlap the next tick and merge the same set twice.
-                concurrency_limit=1,
-                description=f"Merge the checkpoints of {watch.source} into {watch.pipeline.register_as} whenever they change.",
-                tags=[*TAGS, "watch"],
-            )
-        )
+        deployments.append(watch_deployment(watch, interval, cron))
     return deployments
 
 

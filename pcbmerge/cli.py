@@ -50,7 +50,7 @@ QUICK_EXIT = {"merge"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pcbmerge.settings import quiet_defaults
+    from pipeline.environment import quiet_defaults
 
     if argv is None:  # the command line, not a caller's list
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)

@@ -14,9 +14,9 @@ from pydantic import BaseModel
 
 from pcbcore.executor import COMPONENTS_MANIFEST
 from pcbcore.executor import compute_components as store_components
-from pcbmerge.pipeline_config import PipelineConfig
-from tasks._keys import digest, merge_recipe
-from tasks.fetch import FetchedCheckpoint
+from pipeline.cache_keys import digest, merge_recipe
+from pipeline.config import PipelineConfig
+from pipeline.references import FetchedCheckpoint
 
 
 class StoredComponentsRef(BaseModel):

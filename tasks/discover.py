@@ -1,130 +1,23 @@
-"""`discover_checkpoints`: what a watched source holds now, each checkpoint with the identity a merge records.
-
-A source is one of
-- a folder whose sub-folders are checkpoints (a sub-folder counts once it holds weight files; hidden
-  folders, such as half-written temporaries, are skipped): `ref` is the sub-folder's absolute path and its
-  identity is its content fingerprint (the same one `fetch_checkpoint` records), so a checkpoint updated in
-  place counts as changed;
-- a Hugging Face Hub repo id (`org/name`): one checkpoint per branch, `ref` = `org/name@branch`, identity
-  = the branch's commit hash. Online this asks the Hub (`list_repo_refs`, with the token from the
-  environment or `hf auth login`; never a parameter); with `HF_HUB_OFFLINE=1` it reads the branches the
-  local Hub cache knows;
-- an MLflow registered model (`models:/NAME`): one checkpoint per version, `ref` = `models:/NAME/VERSION`,
-  identity = `NAME/VERSION` (versions are immutable).
-
-Identities match what `fetch_checkpoint` writes into a merge's lineage: `revision` when the source has
-one (Hub commit, registry version), else the content fingerprint.
-"""
+"""`discover_checkpoints`: what a watched source holds now (`pipeline.discovery.discover`), looked up
+afresh on every run and retried on transient errors."""
 
 from __future__ import annotations
-
-import os
-import re
-from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel
 
-from pcbcore.errors import MergeInputError
-from tasks import track
-from tasks.fetch import HUB_ID, WEIGHT_SUFFIXES, fingerprint_folder, is_transient
-
-REGISTERED_MODEL = re.compile(r"^models:/([^/@]+)/?$")
-
-
-class DiscoveredCheckpoint(BaseModel):
-    ref: str
-    revision: str | None = None
-    fingerprint: str | None = None
-
-    @property
-    def identity(self) -> str:
-        return self.revision or self.fingerprint or self.ref
-
-
-def source_kind(source: str) -> str:
-    """`folder`, `hub` or `registry`, or one sentence saying what a source may be."""
-    if REGISTERED_MODEL.match(source):
-        return "registry"
-    if Path(source).expanduser().is_dir():
-        return "folder"
-    if HUB_ID.match(source) and "@" not in source:
-        return "hub"
-    raise MergeInputError(f"watch source '{source}' is not a folder, a Hub repo id (org/name, without @revision) or a registered model (models:/NAME)")
-
-
-def _retry_transient(task, task_run, state) -> bool:
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and is_transient(exc)
+from pipeline.discovery import DiscoveredCheckpoint, discover
+from pipeline.retry import is_transient, retry_when
 
 
 @task(
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_when(is_transient),
     cache_policy=NO_CACHE,  # the whole point is to look again
     task_run_name="discover {source}",
 )
 def discover_checkpoints(source: str, cache_dir: str) -> list[DiscoveredCheckpoint]:
     """The checkpoints in `source` now, sorted by ref."""
-    kind = source_kind(source)
-    if kind == "folder":
-        found = list_folder(Path(source).expanduser().resolve(), Path(cache_dir) / "digests")
-    elif kind == "hub":
-        found = list_hub_branches(source)
-    else:
-        name = REGISTERED_MODEL.match(source).group(1)
-        found = [DiscoveredCheckpoint(ref=f"models:/{name}/{v}", revision=f"{name}/{v}") for v in track.registered_versions(name)]
-    return sorted(found, key=lambda c: c.ref)
-
-
-def list_folder(folder: Path, digest_dir: Path) -> list[DiscoveredCheckpoint]:
-    found = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if any(f.is_file() and f.name.endswith(WEIGHT_SUFFIXES) for f in sub.iterdir()):
-            found.append(DiscoveredCheckpoint(ref=str(sub), fingerprint=fingerprint_folder(sub, digest_dir)))
-    return found
-
-
-def list_hub_branches(repo_id: str) -> list[DiscoveredCheckpoint]:
-    """One checkpoint per branch of a Hub model repo (from the Hub, or from the local cache when offline)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        refs = cached_hub_branches(repo_id)
-        if not refs:
-            raise MergeInputError(f"watch source '{repo_id}': offline (HF_HUB_OFFLINE) and no branch of it is in the local Hub cache")
-    else:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        try:
-            listed = HfApi().list_repo_refs(repo_id, repo_type="model")
-        except RepositoryNotFoundError:
-            raise MergeInputError(f"watch source '{repo_id}' is not a Hub model repository you can read") from None
-        refs = {branch.name: branch.target_commit for branch in listed.branches}
-    return [DiscoveredCheckpoint(ref=f"{repo_id}@{name}", revision=commit) for name, commit in refs.items()]
-
-
-def cached_hub_branches(repo_id: str) -> dict[str, str]:
-    """branch -> commit, as recorded in the local Hub cache (`models--org--name/refs/<branch>`)."""
-    from huggingface_hub import constants
-
-    refs_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
-    if not refs_dir.is_dir():
-        return {}
-    branches = {}
-    for path in sorted(refs_dir.rglob("*")):
-        name = path.relative_to(refs_dir).as_posix()
-        if path.is_file() and not name.startswith("pr/"):
-            branches[name] = path.read_text().strip()
-    return branches
-
-
-def same_checkpoint(path_a: str, path_b: str) -> bool:
-    try:
-        return os.path.samefile(path_a, path_b)
-    except OSError:
-        return False
+    return discover(source, cache_dir)

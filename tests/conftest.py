@@ -32,9 +32,20 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (~10 s to start), for the tests that run flows and
+    tasks through the real engine; `PREFECT_HOME` is a temporary folder (above), so no cache record leaks in
+    from another session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """A tiny random Llama base and three fine-tunes (float32), saved as HF folders."""
-    from pcbmerge.tinymodels import build_tiny_zoo
+    from builders import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory.mktemp("tinyzoo"))
 
@@ -42,6 +53,6 @@ def tiny_zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_zoo(tmp_path_factory):
     """The micro model zoo (trained base, four experts, lm-eval tasks), built once per session (~20 s)."""
-    from pcbmerge.zoo import build_zoo, load_zoo
+    from pipeline.zoo import build_zoo, load_zoo
 
     return load_zoo(build_zoo(tmp_path_factory.mktemp("microzoo") / "zoo", size="micro", seed=0))

@@ -52,7 +52,7 @@ def test_merge_writes_a_folder_transformers_loads(tiny_zoo, tmp_path, device):
 
 
 def test_cli_merge_of_a_bf16_zoo_matches_in_memory_maths(tmp_path):
-    from pcbmerge.tinymodels import build_tiny_zoo
+    from builders import build_tiny_zoo
 
     base, models = build_tiny_zoo(tmp_path / "zoo", n_models=2, dtype=torch.bfloat16)
     cfg = tmp_path / "ta.yml"

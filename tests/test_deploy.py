@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcbmerge.pipeline_config import parse_pipeline_config
-from pcbmerge.watch_config import WatchConfig
+from pipeline.config import parse_pipeline_config
+from pipeline.watch_config import WatchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,14 +84,14 @@ def test_task_runner_is_chosen_by_settings(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from infra.dask import settings_task_runner, task_runner
-    from pcbmerge.search_config import SearchSettings
+    from infra.task_runners import task_runner
+    from pipeline.search_config import SearchSettings
 
     monkeypatch.delenv("PCBMERGE_DASK_ADDRESS", raising=False)
-    assert isinstance(settings_task_runner(max_workers=2), ThreadPoolTaskRunner)
+    assert isinstance(task_runner(), ThreadPoolTaskRunner)  # a deployment's runner, from the settings alone
     assert isinstance(task_runner(SearchSettings()), ThreadPoolTaskRunner)
     monkeypatch.setenv("PCBMERGE_DASK_ADDRESS", "tcp://127.0.0.1:8786")
-    runner = settings_task_runner(max_workers=2)
+    runner = task_runner()
     assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
     assert task_runner(SearchSettings()).address == "tcp://127.0.0.1:8786"
     assert task_runner(SearchSettings(dask_address="tcp://10.0.0.1:8786")).address == "tcp://10.0.0.1:8786"  # the config wins

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pcbcore.errors import MergeInputError
 from pcbmerge.cli import main
-from pcbmerge.evaluation import EvalResult, TaskScore, evaluate_model, evaluate_path, model_content_hash
+from pipeline.evaluation import EvalResult, TaskScore, evaluate_model, evaluate_path, model_content_hash
 
 
 @pytest.fixture

@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 
 from pcbcore.errors import MergeInputError
-from tasks.fetch import FetchedCheckpoint, TransientFetchError, fetch_checkpoint, fingerprint_folder, is_transient
-from tasks.track import parse_model_uri
-
-
-@pytest.fixture(scope="module")
-def prefect_engine():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+from pipeline.fingerprints import fingerprint_folder
+from pipeline.references import FetchedCheckpoint
+from pipeline.registry import parse_model_uri
+from pipeline.retry import TransientFetchError, is_transient
+from tasks.fetch import fetch_checkpoint
 
 
 def _fetch_with_engine(refs: list[str], cache_dir: Path) -> list[tuple[str, FetchedCheckpoint]]:
@@ -79,7 +74,7 @@ def test_hub_id_resolves_from_the_local_hub_cache(tiny_zoo, tmp_path):
         assert fetched.fingerprint == fingerprint_folder(base, tmp_path / "d")
 
 
-def test_one_folder_named_two_ways_is_fetched_as_each_name(prefect_engine, tiny_zoo, tmp_path, monkeypatch):
+def test_one_folder_named_two_ways_is_fetched_as_each_name(prefect_harness, tiny_zoo, tmp_path, monkeypatch):
     """The flows look their inputs up by the ref as written: a cached fetch made under another name for the
     same folder would leave that lookup without its key (a KeyError in validate_checkpoints)."""
     base, _ = tiny_zoo
@@ -92,7 +87,7 @@ def test_one_folder_named_two_ways_is_fetched_as_each_name(prefect_engine, tiny_
     assert [state for state, _ in fetched] == ["Completed", "Completed", "Completed", "Cached"]
 
 
-def test_a_changed_input_is_never_served_from_the_cache(prefect_engine, tiny_zoo, tmp_path):
+def test_a_changed_input_is_never_served_from_the_cache(prefect_harness, tiny_zoo, tmp_path):
     """Files rewritten under their old size and mtime (a copy that keeps time stamps), and a Hub branch that
     moved, are fetched again; the same input fetched again is a cache hit."""
     base, experts = tiny_zoo
@@ -119,7 +114,8 @@ def test_a_changed_input_is_never_served_from_the_cache(prefect_engine, tiny_zoo
 def test_a_moved_alias_or_a_registered_name_made_again_is_downloaded_again(tiny_zoo, tmp_path):
     """models:/NAME@alias follows the alias; models:/NAME/1 of a registered model deleted and registered
     again is another model (versions number from 1 again), so its earlier download is not reused."""
-    from tasks.track import client, register_model, start_tracking
+    from pipeline.tracking import client
+    from tasks.track import register_model, start_tracking
 
     base, experts = tiny_zoo
     name, cache = "pcbtest-reborn", str(tmp_path / "cache")

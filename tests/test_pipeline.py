@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.pipeline_config import parse_pipeline_config
+from pipeline.config import parse_pipeline_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
 def mlflow_client():
-    from tasks.track import client
+    from pipeline.tracking import client
 
     return client()
 
@@ -91,7 +85,7 @@ def test_flow_tracks_registers_and_records_lineage(first_merge, micro_zoo, mlflo
     artifacts = {a.path for a in mlflow_client.list_artifacts(outcome.run_id)}
     assert {"lineage.json", "merge_config.yml", "results.md", "results.csv", "scores.png"} <= artifacts
 
-    from tasks.track import read_lineage
+    from pipeline.registry import read_lineage
 
     node = read_lineage("models:/pipeline-ties/1")
     assert node["model"] == "models:/pipeline-ties/1" and node["method"] == "ties" and node["run_id"] == outcome.run_id
@@ -142,17 +136,19 @@ def test_merge_of_a_registered_merge_has_two_level_lineage(first_merge, micro_zo
 
 def test_a_fetch_that_fails_twice_is_retried_and_the_flow_completes(micro_zoo, monkeypatch):
     from flows.merge import merge_flow
-    from tasks import fetch
+    from pipeline import references
+    from pipeline.retry import TransientFetchError
 
     attempts = []
 
-    def flaky(ref: str, cache_dir: Path) -> fetch.Resolved:
+    def flaky(ref: str, cache_dir: Path) -> references.Resolved:
         attempts.append(ref)
         if len(attempts) < 3:
-            raise fetch.TransientFetchError(f"{ref}: source not reachable (try {len(attempts)})")
-        return fetch.Resolved(Path(micro_zoo.experts[micro_zoo.tasks[1]]))
+            raise TransientFetchError(f"{ref}: source not reachable (try {len(attempts)})")
+        return references.Resolved(Path(micro_zoo.experts[micro_zoo.tasks[1]]))
 
-    monkeypatch.setattr(fetch, "SOURCES", [fetch.Source("flaky", lambda ref: ref.startswith("flaky:"), flaky), *fetch.SOURCES])
+    sources = [references.Source("flaky", lambda ref: ref.startswith("flaky:"), flaky), *references.SOURCES]
+    monkeypatch.setattr(references, "SOURCES", sources)
     config = _config(
         micro_zoo,
         merge_method="task_arithmetic",
@@ -214,7 +210,7 @@ def test_components_are_stored_once_per_recipe(micro_zoo):
     from prefect import flow
 
     from pcbcore.executor import StoredComponents
-    from pcbmerge.settings import load_settings
+    from pipeline.settings import load_settings
     from tasks.components import compute_components
     from tasks.fetch import fetch_checkpoint
 

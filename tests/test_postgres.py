@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from infra.servers import free_port, read_state, redact, start_servers, stop_servers
+from infra.ports import free_port
+from infra.postgres import redact
+from infra.server_state import read_state
+from infra.servers import start_servers, stop_servers
 
 pytestmark = pytest.mark.timeout(600)
 PASSWORD = "pg-test-secret"

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.search_config import parse_search_config
-from tasks.search import CandidateScore, SearchState, ask_population, candidate_weights, layer_group, new_search_state, tell_population
+from pipeline.candidates import candidate_weights, layer_group
+from pipeline.search_config import parse_search_config
+from pipeline.search_state import CandidateScore, SearchState, ask_population, new_search_state, tell_population
 
 ROUNDS = 2
 POPSIZE = 3
@@ -121,17 +122,9 @@ def test_budget_stops_the_search():
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
 def dask_search(micro_zoo, prefect_harness):
     """A 2-round search on a local Dask cluster of two worker processes (one thread each)."""
-    from pcbmerge.commands.search import run_search
+    from infra.task_runners import run_search
 
     config = parse_search_config(_data(micro_zoo, dask_workers=2), source="test")
     return config, run_search(config)
@@ -155,7 +148,7 @@ def test_dask_search_completes_and_beats_or_matches_its_start(dask_search):
 
 
 def test_candidates_ran_in_the_dask_workers(dask_search):
-    from tasks.track import client
+    from pipeline.tracking import client
 
     _, outcome = dask_search
     workers = {e.worker for e in outcome.history if e.stage == "search"}
@@ -174,7 +167,8 @@ def test_test_split_is_only_seen_by_the_final_step(dask_search):
 
 
 def test_search_is_tracked_and_registered_with_its_settings(dask_search, tmp_path):
-    from tasks.track import client, read_lineage
+    from pipeline.registry import read_lineage
+    from pipeline.tracking import client
 
     _, outcome = dask_search
     mlflow_client = client()
@@ -222,7 +216,7 @@ def test_paused_search_resumes_to_the_same_lambdas(dask_search, micro_zoo, prefe
 
 
 def test_a_raised_budget_lets_a_finished_search_go_on():
-    from tasks.search import resume_state
+    from pipeline.search_state import resume_state
 
     config = parse_search_config(_data(PAPER_ZOO, budget=8, popsize=4))
     state = _rounds(new_search_state(config, None, "k", "run"), 2, reseed=False)
@@ -261,9 +255,9 @@ def test_layer_groups_split_the_layers_and_build_per_block(tiny_zoo, tmp_path):
 def test_layer_grouped_search_writes_and_registers_its_merge(micro_zoo, prefect_harness):
     """One round with λ per (layer block × model): the final merge is written from the stored components
     and its lineage records the whole genome."""
-    from pcbmerge.commands.search import run_search
-    from pcbmerge.evaluation import load_model
-    from tasks.track import read_lineage
+    from infra.task_runners import run_search
+    from pipeline.evaluation import load_model
+    from pipeline.registry import read_lineage
 
     data = _data(micro_zoo, layer_groups=2, budget=2, popsize=2)
     data["register_as"] = "searched-groups"

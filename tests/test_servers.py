@@ -18,7 +18,10 @@ import urllib.request
 import psutil
 import pytest
 
-from infra.servers import ServerProcess, Servers, check_port_free, free_port, read_state, stop_servers
+from infra.ports import check_port_free, free_port
+from infra.processes import ServerProcess
+from infra.server_state import Servers, read_state
+from infra.servers import stop_servers
 from pcbcore.errors import MergeInputError
 from pcbmerge.cli import main
 
@@ -230,8 +233,8 @@ def test_a_scheduled_deployment_gets_its_runs(servers, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.watch import watch_flow
-    from pcbmerge.pipeline_config import PipelineConfig
-    from pcbmerge.watch_config import WatchConfig
+    from pipeline.config import PipelineConfig
+    from pipeline.watch_config import WatchConfig
 
     api = servers["info"]["PREFECT_API_URL"]
     watch = WatchConfig(source=str(tmp_path), pipeline=PipelineConfig(merge_method="linear", register_as="scheduled"))

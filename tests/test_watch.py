@@ -16,12 +16,7 @@ from pcbmerge.cli import main
 SECRET = "hf_watchtestsecret0123456789"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,8 @@ def _watch(capsys, watched) -> dict:
 
 
 def test_watch_merges_only_when_the_set_changes(watched, micro_zoo, capsys, monkeypatch):
-    from tasks.track import client, read_lineage
+    from pipeline.registry import read_lineage
+    from pipeline.tracking import client
 
     monkeypatch.setenv("HF_TOKEN", SECRET)  # a token in the environment must never reach params, tags or logs
     source = watched["source"]
@@ -81,7 +77,7 @@ def test_watch_merges_only_when_the_set_changes(watched, micro_zoo, capsys, monk
 
 def test_watch_sees_a_checkpoint_updated_in_place(watched, micro_zoo, capsys):
     """Same folder names, new weights: the fingerprint changed, so it merges (after the test above)."""
-    from tasks.track import read_lineage
+    from pipeline.registry import read_lineage
 
     target = watched["source"] / micro_zoo.tasks[0]
     shutil.rmtree(target)
@@ -153,7 +149,7 @@ def test_every_must_be_an_interval(tmp_path, capsys):
 
 
 def test_watch_config_errors_raise(tmp_path):
-    from pcbmerge.watch_config import load_watch_config
+    from pipeline.watch_config import load_watch_config
 
     with pytest.raises(MergeInputError, match="does not exist"):
         load_watch_config(tmp_path / "missing.yml", str(tmp_path))

@@ -11,10 +11,10 @@ from safetensors import safe_open
 
 from pcbcore.errors import MergeInputError
 from pcbmerge.cli import main
-from pcbmerge.zoo import PRESETS, build_zoo, load_zoo
-from pcbmerge.zoo.build import SizePreset
-from pcbmerge.zoo.tasks import TaskSpec
-from pcbmerge.zoo.training import ModelShape, TrainSettings
+from pipeline.zoo import PRESETS, build_zoo, load_zoo
+from pipeline.zoo.build import SizePreset
+from pipeline.zoo.problems import TaskSpec
+from pipeline.zoo.training import ModelShape, TrainSettings
 
 # A few optimiser steps on a very small model: enough to exercise every build step twice in seconds.
 NANO = SizePreset(
@@ -85,7 +85,7 @@ def test_same_seed_same_weights(tmp_path, monkeypatch):
 def test_saved_hash_matches_reloaded_model(micro_zoo):
     from transformers import AutoModelForCausalLM
 
-    from pcbmerge.evaluation import model_content_hash
+    from pipeline.evaluation import model_content_hash
 
     model = AutoModelForCausalLM.from_pretrained(micro_zoo.experts["zoo_sort"])
     assert model_content_hash(model) == micro_zoo.manifest.weights_sha256["zoo_sort"]

@@ -15,16 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from pcbmerge.settings import load_settings
-
-# (label, merge_method, parameters). One global λ per method, the usual values from each paper for a
-# handful of tasks; a CMA-ES search over per-model λ on validation data is the search flow's job.
-DEMO_MERGES = [
-    ("task_arithmetic", "task_arithmetic", {"lambda": 0.4}),
-    ("ties", "ties", {"density": 0.2, "lambda": 1.0}),
-    ("pcb (paper)", "pcb", {"ratio": 0.1, "variant": "paper"}),
-    ("pcb (release)", "pcb", {"ratio": 0.1, "variant": "release", "clip_quantile": 0.01}),
-]
+from pipeline.demo_configs import DEMO_MERGES, demo_merge_config
+from pipeline.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,16 +32,16 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcbmerge import report
     from pcbmerge.commands.run import prepare_home, quiet_libraries
-    from pcbmerge.zoo import build_zoo, load_zoo
+    from pipeline import tables
+    from pipeline.zoo import build_zoo, load_zoo
 
     started = time.perf_counter()
     quiet_libraries(args.verbose)
     prepare_home()
     if not args.verbose:  # our own progress lines instead of Prefect's per-task log
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        logging.getLogger("pcbmerge.evaluation").setLevel(logging.WARNING)
+        logging.getLogger("pipeline.evaluation").setLevel(logging.WARNING)
     settings = load_settings()
     work = (args.workdir or settings.home / "demo").expanduser().resolve()
     zoo_dir = work / f"zoo-{args.size}"
@@ -60,34 +52,12 @@ def run(args: argparse.Namespace) -> int:
     _say(f"zoo: base + {len(zoo.experts)} experts ({', '.join(zoo.tasks)}) in {zoo.root}")
 
     from flows.merge import merge_flow
-    from pcbmerge.pipeline_config import parse_pipeline_config
 
     table: dict[str, dict[str, float]] = {}
     registered = []
     for k, (label, method, params) in enumerate(DEMO_MERGES, 1):
         _say(f"[{k}/{len(DEMO_MERGES)}] {label}: fetch → validate → merge → evaluate → track (elapsed {time.perf_counter() - started:.0f}s)")
-        slug = label.replace(" (", "-").replace(")", "").replace("_", "-")
-        config = parse_pipeline_config(
-            {
-                "merge_method": method,
-                "base_model": str(zoo.base),
-                "models": [{"model": str(zoo.experts[task])} for task in zoo.tasks],
-                "parameters": params,
-                "evaluation": {
-                    "tasks": zoo.tasks,
-                    "include_path": str(zoo.task_dir),
-                    "split": "test",
-                    "limit": args.limit,
-                    "baselines": True,
-                },
-                "register_as": f"demo-{args.size}-{slug}",
-                "experiment": "pcbmerge-demo",
-                "output": str(work / f"merged-{args.size}" / slug),
-                "overwrite": True,
-                "name": f"demo {label}",
-            },
-            source=f"demo:{label}",
-        )
+        config = demo_merge_config(zoo, work, args.size, label, method, params, args.limit)
         outcome = merge_flow(config)
         if not table:
             table.update({name: row for name, row in outcome.scores.items() if name != "merged"})
@@ -96,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         mean = sum(outcome.scores["merged"].values()) / len(outcome.scores["merged"])
         _say(f"      mean test score {mean:.3f}{' (merge reused from cache)' if outcome.reused else ''}")
 
-    # PCB + CMA-ES (issue 5, `pcbmerge search`): per-model λ searched on the validation split.
+    # PCB + CMA-ES (`pcbmerge search`): per-model λ searched on the validation split.
     from pcbmerge.commands.search import demo_search
 
     _say(f"[search] pcb (release) + CMA-ES: λ searched on the validation split (elapsed {time.perf_counter() - started:.0f}s)")
@@ -106,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"      {summary}; mean test score {sum(scores.values()) / len(scores):.3f}")
 
     print(f"\nTest-split scores ({'all' if args.limit is None else args.limit} examples per task; expert rows are named by their task):\n")
-    print(report.format_text(table))
+    print(tables.format_text(table))
     print(f"\nfinished in {time.perf_counter() - started:.0f}s")
     print(f"merged models: {work / f'merged-{args.size}'}")
     print(f"registered: {', '.join(registered)}")

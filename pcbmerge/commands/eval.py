@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.evaluation import SPLITS, evaluate_path
-from pcbmerge.settings import load_settings
+from pipeline.evaluation import SPLITS, evaluate_path
+from pipeline.settings import load_settings
 
 
 def _positive_int(text: str) -> int:

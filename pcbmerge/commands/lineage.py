@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def lineage_tree(uri: str, depth: int = 0, seen: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The node of `uri` with every input that is a registered model expanded into its own node."""
     from pcbcore.errors import MergeInputError
-    from tasks.track import read_lineage
+    from pipeline.registry import read_lineage
 
     node = read_lineage(uri)
     if node["model"] in seen or depth >= MAX_DEPTH:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pcbmerge.pipeline_config import load_pipeline_config
+from pipeline.config import load_pipeline_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def quiet_libraries(verbose: bool = False) -> None:
 
 def prepare_home() -> None:
     """Create the working folder (MLflow's SQLite file and the caches live there)."""
-    from pcbmerge.settings import load_settings
+    from pipeline.settings import load_settings
 
     settings = load_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def prepare_home() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcbmerge import report
+    from pipeline import tables
 
     quiet_libraries(args.verbose)
     prepare_home()
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     outcome = merge_flow(config)
     if outcome.scores:
-        print(report.format_text(outcome.scores))
+        print(tables.format_text(outcome.scores))
     print(f"merged model: {outcome.folder}{' (reused)' if outcome.reused else ''}")
     print(f"MLflow run: {outcome.run_id}")
     if outcome.model_uri:

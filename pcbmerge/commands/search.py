@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.search_config import load_search_config
+from pipeline.search_config import load_search_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         updates["overwrite"] = True
     config = config.model_copy(update=updates)
 
+    from infra.task_runners import run_search
+
     outcome = run_search(config, resume=args.resume, stop_after_rounds=args.stop_after_rounds)
     if args.json:
         print(json.dumps(outcome.summary()))
@@ -72,41 +73,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_search(config, resume: bool = False, stop_after_rounds: int | None = None):
-    """Run `search_flow` on the task runner the config asks for (Dask workers share one Prefect API)."""
-    from flows.search import search_flow
-    from infra.dask import shared_prefect_api, task_runner, uses_dask
-
-    with shared_prefect_api() if uses_dask(config.search) else nullcontext():
-        return search_flow.with_options(task_runner=task_runner(config.search))(config, resume=resume, stop_after_rounds=stop_after_rounds)
-
-
-# The demo's search row (`pcbmerge demo`): PCB (release variant, the demo's better fixed PCB) with per-model
-# λ searched by CMA-ES on the validation split; a short search (two rounds) so the demo stays a few minutes
-# on two cores. bench/search_bench.py measured the longer search (24 candidates) on the demo zoo.
-DEMO_SEARCH = {"budget": 12, "popsize": 6, "sigma0": 0.2, "seed": 0, "workers": 2}
-
-
 def demo_search(zoo, work: Path, size: str, limit: int | None) -> tuple[str, dict[str, float], str | None, str]:
     """(table label, test scores, registered model URI, a one-line summary) of the demo's search."""
-    from pcbmerge.search_config import parse_search_config
+    from infra.task_runners import run_search
+    from pipeline.demo_configs import demo_search_config
 
-    config = parse_search_config(
-        {
-            "merge_method": "pcb",
-            "base_model": str(zoo.base),
-            "models": [{"model": str(zoo.experts[task])} for task in zoo.tasks],
-            "parameters": {"ratio": 0.1, "variant": "release", "clip_quantile": 0.01},
-            "evaluation": {"tasks": zoo.tasks, "include_path": str(zoo.task_dir), "split": "test", "limit": limit},
-            "search": DEMO_SEARCH,
-            "register_as": f"demo-{size}-pcb-cma-es",
-            "experiment": "pcbmerge-demo",
-            "output": str(work / f"merged-{size}" / "pcb-cma-es"),
-            "overwrite": True,
-            "name": "demo pcb + CMA-ES",
-        },
-        source="demo:pcb (release) + CMA-ES",
-    )
+    config = demo_search_config(zoo, work, size, limit)
     outcome = run_search(config)
     lambdas = ", ".join(f"{x:.2f}" for x in outcome.lambdas)
     share = 100 * outcome.build_seconds / max(outcome.eval_seconds, 1e-9)

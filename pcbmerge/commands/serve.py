@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pcbmerge.commands.run import prepare_home, quiet_libraries
     from pcbmerge.commands.watch import parse_interval
-    from pcbmerge.pipeline_config import load_pipeline_config
-    from pcbmerge.watch_config import load_watch_config
+    from pipeline.config import load_pipeline_config
+    from pipeline.watch_config import load_watch_config
 
     quiet_libraries(args.verbose)
     if args.watch_source and not args.config:

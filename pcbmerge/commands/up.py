@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_workdir() -> Path:
-    from pcbmerge.settings import load_settings
+    from pipeline.settings import load_settings
 
     return load_settings().home / "servers"
 

@@ -34,7 +34,7 @@ def parse_interval(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pcbmerge.commands.run import prepare_home, quiet_libraries
-    from pcbmerge.watch_config import load_watch_config
+    from pipeline.watch_config import load_watch_config
 
     quiet_libraries(args.verbose)
     prepare_home()
@@ -54,14 +54,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{'merged: ' + str(outcome.model) if outcome.merged else 'no merge'} ({outcome.reason})")
         return 0
-    # One run at a time: a slow merge must not overlap the next tick (which would merge the same set twice).
-    watch_flow.serve(
-        name=args.name,
-        parameters={"config": config.model_dump(mode="json")},
-        interval=interval,
-        cron=args.cron,
-        limit=1,
-        description=f"merge the checkpoints of {config.source} into {config.pipeline.register_as} when they change",
-        tags=["pcbmerge", "watch"],
-    )
+    from infra.deploy import serve_deployments, watch_deployment
+
+    serve_deployments([watch_deployment(config, interval, args.cron, name=args.name)], limit=1)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# The sizes `pcbmerge.zoo.PRESETS` defines; named here so `pcbmerge --help` need not import the zoo
+# The sizes `pipeline.zoo.PRESETS` defines; named here so `pcbmerge --help` need not import the zoo
 # builder (and transformers with it). build_zoo refuses anything else.
 ZOO_SIZES = ("demo", "micro")
 
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from pcbmerge.zoo import build_zoo, load_zoo
+    from pipeline.zoo import build_zoo, load_zoo
 
     zoo = load_zoo(build_zoo(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite))
     print(f"zoo: {zoo.root}")

@@ -10,8 +10,8 @@ labelled test data, their validation split); `split="validation"` points the loa
 at its validation split before evaluating, so one task name serves the search (validation) and the final
 report (test) without generating two YAMLs per task.
 
-Cache: one JSON file per (model, tokenizer, task, split, limit, few-shot, lm-eval version) under
-`cache_dir`; a hit never calls the harness. A task's identity is its YAML text plus the bytes of its
+Cache (`pipeline.result_cache`): one JSON file per (model, tokenizer, task, split, limit, few-shot, lm-eval
+version) under `cache_dir`; a hit never calls the harness. A task's identity is its YAML text plus the bytes of its
 local data files for tasks under `include_path`, and its name for built-in tasks (their version is
 covered by the lm-eval version). HF datasets' Arrow cache is pointed into `cache_dir` too, so evaluation
 writes nowhere else.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import threading
@@ -29,85 +28,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-from pydantic import BaseModel
-
+from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
+from pipeline.environment import point_datasets_cache
+from pipeline.fingerprints import model_content_hash, tokenizer_hash
+from pipeline.result_cache import CACHE_SCHEMA, cache_folder, read_result, result_key, write_result
+from pipeline.scores import EvalResult, TaskScore
 
 log = logging.getLogger(__name__)
 
 LM_EVAL_VERSION = importlib.metadata.version("lm_eval")
-CACHE_SCHEMA = 1
 SPLITS = ("validation", "test")
-
-# Config keys that say where a model came from or how it was saved, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype", "architectures"}
-
-
-class TaskScore(BaseModel):
-    """One task's headline metric (the first in its `metric_list`), e.g. `exact_match` or `acc`."""
-
-    metric: str
-    value: float
-    stderr: float | None
-
-
-class EvalResult(BaseModel):
-    """Scores per task name, in the order the tasks were asked."""
-
-    scores: dict[str, TaskScore]
-
-    def mean(self) -> float:
-        """Unweighted mean over tasks: the search's default fitness."""
-        if not self.scores:
-            raise ValueError("no task scores to average")
-        return sum(score.value for score in self.scores.values()) / len(self.scores)
-
-    def to_json(self) -> dict[str, dict[str, Any]]:
-        """`{"<task>": {"metric": ..., "value": ..., "stderr": ...}}`, as `pcbmerge eval --json` prints it."""
-        return {task: score.model_dump() for task, score in self.scores.items()}
-
-    def format_table(self) -> str:
-        """A plain-text table: task, metric, value ± stderr, and the mean."""
-        rows = [("task", "metric", "value", "stderr")]
-        for task, score in self.scores.items():
-            stderr = "-" if score.stderr is None else f"{score.stderr:.4f}"
-            rows.append((task, score.metric, f"{score.value:.4f}", stderr))
-        if self.scores:
-            rows.append(("mean", "", f"{self.mean():.4f}", ""))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        return "\n".join(lines)
-
-
-def model_content_hash(model: torch.nn.Module) -> str:
-    """sha256 over the model's state: every tensor's name, dtype, shape and raw bytes, in name order, plus
-    its config without the keys that only say where it was loaded from.
-
-    Hashes each tensor's buffer in place (a copy only for tensors on another device or non-contiguous).
-    Measured on one core of the shared 2-core dev box: ~1.1 GB/s (a 400 MB float32 model in 0.36 s), so a
-    micro-zoo model (88k parameters) takes ~1 ms and a 1.5B-parameter bf16 model (3 GB) ~3 s.
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        settings = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-    return digest.hexdigest()
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's full definition (vocabulary, merges, special tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256((text + special).encode()).hexdigest()
 
 
 def evaluate_model(
@@ -128,8 +59,8 @@ def evaluate_model(
     """
     names = _check_request(tasks, split, limit, num_fewshot, batch_size)
     include = _check_include_path(include_path)
-    cache = _cache_dir(cache_dir)
-    device = _resolve_device(device)
+    cache = cache_folder(cache_dir)
+    device = str(resolve_device(device))
     project = _project_tasks(include)
     base_key = {
         "schema": CACHE_SCHEMA,
@@ -140,14 +71,14 @@ def evaluate_model(
         "num_fewshot": num_fewshot,
         "lm_eval": LM_EVAL_VERSION,
     }
-    keys = {name: _cache_key(base_key, _task_identity(name, project)) for name in names}
-    scores = {name: _read_cache(cache, keys[name]) for name in names}
+    keys = {name: result_key(base_key, _task_identity(name, project)) for name in names}
+    scores = {name: read_result(cache, keys[name]) for name in names}
     missing = [name for name in names if scores[name] is None]
     if missing:
         log.info("evaluating %s on %s split (%s)", ", ".join(missing), split, "no limit" if limit is None else f"limit {limit}")
         fresh = _run_harness(model, tokenizer, missing, include, project, split, limit, device, batch_size, cache, num_fewshot)
         for name, score in fresh.items():
-            _write_cache(cache, keys[name], score)
+            write_result(cache, keys[name], score, LM_EVAL_VERSION)
             scores[name] = score
     else:
         log.info("all %d task scores came from the cache", len(names))
@@ -206,24 +137,6 @@ def _check_include_path(include_path: str | Path | None) -> Path | None:
     if not path.is_dir():
         raise MergeInputError(f"task folder {path} (include path) does not exist or is not a folder.")
     return path
-
-
-def _cache_dir(cache_dir: Path | None) -> Path:
-    if cache_dir is None:
-        from pcbmerge.settings import load_settings
-
-        cache_dir = load_settings().cache_dir / "eval"
-    path = Path(cache_dir).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeInputError(f"device {device!r} asked but no CUDA device is available; use --device cpu.")
-    return device
 
 
 # ---------------------------------------------------------------- tasks and their identity
@@ -308,7 +221,7 @@ def _run_harness(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import get_task_dict
 
-    _point_datasets_cache(cache / "hf_datasets")
+    point_datasets_cache(cache / "hf_datasets")
     only_project = all(name in project for name in names)
     manager = _manager(include, include_defaults=not only_project)
     unknown = [name for name in names if name not in manager.all_tasks]
@@ -369,39 +282,3 @@ def _headline(name: str, output: dict) -> TaskScore:
         value=float(results[f"{metric},{filt}"]),
         stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
     )
-
-
-def _point_datasets_cache(path: Path) -> None:
-    """Send HF datasets' Arrow cache into our cache folder rather than `$HF_HOME` (process-wide setting)."""
-    import datasets.config
-
-    path.mkdir(parents=True, exist_ok=True)
-    datasets.config.HF_DATASETS_CACHE = path
-    datasets.config.DOWNLOADED_DATASETS_PATH = path / "downloads"
-    datasets.config.EXTRACTED_DATASETS_PATH = path / "downloads" / "extracted"
-
-
-# ---------------------------------------------------------------- result cache
-
-
-def _cache_key(base_key: dict[str, Any], task_identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({**base_key, "task": task_identity}, sort_keys=True).encode()).hexdigest()
-
-
-def _read_cache(cache: Path, key: str) -> TaskScore | None:
-    path = cache / f"{key}.json"
-    if not path.is_file():
-        return None
-    try:
-        return TaskScore.model_validate(json.loads(path.read_text(encoding="utf-8"))["score"])
-    except (json.JSONDecodeError, KeyError, ValueError):
-        log.warning("ignoring unreadable cache entry %s", path)
-        return None
-
-
-def _write_cache(cache: Path, key: str, score: TaskScore) -> None:
-    """Write atomically (temp file + rename) so parallel evaluations never read half a file."""
-    path = cache / f"{key}.json"
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps({"lm_eval": LM_EVAL_VERSION, "score": score.model_dump()}), encoding="utf-8")
-    tmp.replace(path)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from pathlib import Path
 from typing import Any
 
-from pcbmerge.pipeline_config import PipelineConfig
-from tasks.fetch import FetchedCheckpoint
+from pipeline.config import PipelineConfig
+from pipeline.references import FetchedCheckpoint
 
 PCBMERGE_VERSION = importlib.metadata.version("pcbmerge")
 
@@ -27,3 +28,10 @@ def merge_recipe(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], w
 
 def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def task_files(include_path: str | None) -> list:
+    """(path, size, mtime) of every file under an lm-eval include path: a cached score is stale once they change."""
+    if not include_path or not Path(include_path).is_dir():
+        return []
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(include_path).rglob("*") if p.is_file())

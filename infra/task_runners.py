@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pcbmerge.search_config import SearchSettings
-from pcbmerge.settings import load_settings
+from pipeline.search_config import SearchSettings
+from pipeline.settings import load_settings
 
 
-def task_runner(search: SearchSettings):
-    """Threads by default; `DaskTaskRunner` on a `LocalCluster` (`dask_workers`) or at `dask_address`
-    (the config's, else the `PCBMERGE_DASK_ADDRESS` setting)."""
+def task_runner(search: SearchSettings | None = None):
+    """The search's task runner. With the config's search settings (the CLI): `DaskTaskRunner` at its
+    `dask_address`, else on a `LocalCluster` of `dask_workers` processes, else the `PCBMERGE_DASK_ADDRESS`
+    setting, else `workers` threads. Without (a deployment, read when the deployment is built by the
+    serving process or loaded by a worker): the `PCBMERGE_DASK_ADDRESS` setting, else two threads."""
+    search = search or SearchSettings()
     address = search.dask_address or (None if search.dask_workers else load_settings().dask_address)
     if address:
         from prefect_dask import DaskTaskRunner
@@ -37,18 +40,6 @@ def task_runner(search: SearchSettings):
 
 def uses_dask(search: SearchSettings) -> bool:
     return bool(search.dask_address or search.dask_workers or load_settings().dask_address)
-
-
-def settings_task_runner(max_workers: int):
-    """The task runner a flow gets when it runs as a deployment: a Dask scheduler when `PCBMERGE_DASK_ADDRESS`
-    is set on the serving process or worker, else `max_workers` threads. Read when the flow module is
-    imported, which is when a served run or a worker loads it."""
-    address = load_settings().dask_address
-    if address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=address)
-    return ThreadPoolTaskRunner(max_workers=max_workers)
 
 
 @contextmanager
@@ -75,3 +66,11 @@ def shared_prefect_api() -> Iterator[str]:
             os.environ["PREFECT_API_URL"] = before
         if server is not None:
             server.stop()
+
+
+def run_search(config, resume: bool = False, stop_after_rounds: int | None = None):
+    """Run `search_flow` on the task runner the config asks for (Dask workers share one Prefect API)."""
+    from flows.search import search_flow
+
+    with shared_prefect_api() if uses_dask(config.search) else nullcontext():
+        return search_flow.with_options(task_runner=task_runner(config.search))(config, resume=resume, stop_after_rounds=stop_after_rounds)

@@ -1,20 +1,19 @@
-"""The comparison table (models × tasks) as text, markdown and CSV, and its bar chart."""
+"""The comparison table (models × tasks) as text, markdown and CSV."""
 
 from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 
 Scores = dict[str, dict[str, float]]  # model label -> task -> score
 
 
-def _tasks(scores: Scores) -> list[str]:
+def task_names(scores: Scores) -> list[str]:
     return list(dict.fromkeys(task for row in scores.values() for task in row))
 
 
 def _rows(scores: Scores) -> tuple[list[str], list[list[str]]]:
-    tasks = _tasks(scores)
+    tasks = task_names(scores)
     header = ["model", *tasks, "mean"]
     rows = []
     for label, row in scores.items():
@@ -43,28 +42,3 @@ def format_csv(scores: Scores) -> str:
     out = io.StringIO()
     csv.writer(out).writerows([header, *rows])
     return out.getvalue()
-
-
-def bar_chart(scores: Scores, path: Path, title: str = "") -> Path:
-    """Grouped bars: one group per task, one bar per model (merged vs experts vs base)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = _tasks(scores)
-    labels = list(scores)
-    width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
-    for k, label in enumerate(labels):
-        xs = [t + (k - (len(labels) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [scores[label].get(task, 0.0) for task in tasks], width, label=label)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("score")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -3,7 +3,7 @@
 `build_zoo(dir, size, seed)` builds one; `load_zoo(dir)` reads it back with absolute paths.
 """
 
-from pcbmerge.zoo.build import PRESETS, ZooSize, build_zoo
-from pcbmerge.zoo.manifest import Zoo, ZooManifest, load_zoo
+from pipeline.zoo.build import PRESETS, ZooSize, build_zoo
+from pipeline.zoo.manifest import Zoo, ZooManifest, load_zoo
 
 __all__ = ["PRESETS", "Zoo", "ZooManifest", "ZooSize", "build_zoo", "load_zoo"]

@@ -1,9 +1,13 @@
-"""The search's convergence plot: fitness per round (population and best so far) and λ trajectories."""
+"""The plots logged to MLflow: per-task score bars of a merge against its inputs (`scores.png`), and the
+search's convergence (fitness per round, population and best so far, and λ trajectories)."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
+
+from pipeline.tables import Scores, task_names
 
 
 def convergence_png(rounds: list[dict[str, Any]], model_labels: list[str]) -> bytes:
@@ -45,3 +49,28 @@ def convergence_png(rounds: list[dict[str, Any]], model_labels: list[str]) -> by
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def bar_chart(scores: Scores, path: Path, title: str = "") -> Path:
+    """Grouped bars: one group per task, one bar per model (merged vs experts vs base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = task_names(scores)
+    labels = list(scores)
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    for k, label in enumerate(labels):
+        xs = [t + (k - (len(labels) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, [scores[label].get(task, 0.0) for task in tasks], width, label=label)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -2,7 +2,7 @@
 
 Layout of a zoo folder::
 
-    zoo.json                      manifest (`pcbmerge.zoo.manifest.ZooManifest`)
+    zoo.json                      manifest (`pipeline.zoo.manifest.ZooManifest`)
     base/                         transformers checkpoint (safetensors, float32) + tokenizer
     experts/<task>/               same architecture and tensor names as base/
     tasks/<task>.yaml             lm-eval task configs (the `--include-path` for the zoo tasks)
@@ -27,12 +27,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.evaluation import model_content_hash
-from pcbmerge.zoo.manifest import MANIFEST, ZooManifest
-from pcbmerge.zoo.taskfiles import write_jsonl, write_task_yamls
-from pcbmerge.zoo.tasks import TaskSet, TaskSpec, draw_splits
-from pcbmerge.zoo.tokenizer import build_tokenizer
-from pcbmerge.zoo.training import Line, ModelShape, TrainSettings, deterministic_torch, new_model, train
+from pipeline.evaluation import model_content_hash
+from pipeline.zoo.lm_eval_tasks import write_jsonl, write_task_yamls
+from pipeline.zoo.manifest import MANIFEST, ZooManifest
+from pipeline.zoo.problems import TaskSet, TaskSpec, draw_splits
+from pipeline.zoo.tokenizer import build_tokenizer
+from pipeline.zoo.training import Line, ModelShape, TrainSettings, deterministic_torch, new_model, train
 
 log = logging.getLogger(__name__)
 

@@ -41,15 +41,3 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         device=env.get("PCBMERGE_DEVICE", "auto"),
         dask_address=env.get("PCBMERGE_DASK_ADDRESS") or None,
     )
-
-
-def quiet_defaults() -> None:
-    """Offline-friendly defaults for the tools we drive; explicit user settings win."""
-    for key, value in {
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    }.items():
-        os.environ.setdefault(key, value)

@@ -1,4 +1,4 @@
-"""The search's config: a pipeline config (`pcbmerge.pipeline_config`) plus a `search:` block.
+"""The search's config: a pipeline config (`pipeline.config`) plus a `search:` block.
 
     merge_method: pcb
     base_model: zoo/base
@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.pipeline_config import PipelineConfig, parse_pipeline_config, read_config_yaml
+from pipeline.config import PipelineConfig, parse_pipeline_config, read_config_yaml
 
 
 class SearchSettings(BaseModel):

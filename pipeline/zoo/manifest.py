@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.zoo.taskfiles import write_task_yamls
-from pcbmerge.zoo.tasks import TaskKind, TaskSpec
-from pcbmerge.zoo.training import ModelShape, TrainSettings
+from pipeline.zoo.lm_eval_tasks import write_task_yamls
+from pipeline.zoo.problems import TaskKind, TaskSpec
+from pipeline.zoo.training import ModelShape, TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pcbcore.errors import MergeInputError
-from pcbmerge.pipeline_config import PipelineConfig, parse_pipeline_config, read_config_yaml
-from pcbmerge.search_config import SearchSettings, parse_search_config
+from pipeline.config import PipelineConfig, parse_pipeline_config, read_config_yaml
+from pipeline.search_config import SearchSettings, parse_search_config
 
 PLACEHOLDERS = [{"model": "<from the watched source>"}, {"model": "<from the watched source, 2>"}]
 

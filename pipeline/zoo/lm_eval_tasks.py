@@ -3,7 +3,7 @@
 lm-eval 0.4.13 resolves relative `data_files` against the current directory, not the YAML's folder, so
 the YAMLs are generated with absolute paths to the data. `write_task_yamls` can be re-run when a zoo
 folder is moved (`load_zoo` does so). Each YAML names both splits (`validation_split`, `test_split`);
-`pcbmerge.evaluation` chooses which one is scored by setting the loaded task's `test_split`, so one task
+`pipeline.evaluation` chooses which one is scored by setting the loaded task's `test_split`, so one task
 name serves the search (validation) and the final report (test).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pcbmerge.zoo.tasks import Example, TaskKind
+from pipeline.zoo.problems import Example, TaskKind
 
 EVAL_SPLITS = ("validation", "test")
 

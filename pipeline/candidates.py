@@ -1,0 +1,116 @@
+"""One search candidate: θ_pre + Σ λ_i C_i (SPEC eq. 1) built in memory from the stored components on the
+worker's device, loaded into a pooled model (never written as a checkpoint) and scored with lm-eval.
+Its score is keyed on (components key, λ, tasks, split, limit, task files, lm-eval version), so a resumed
+search never evaluates the same candidate twice."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from pcbcore.device import resolve_device
+from pcbcore.executor import StoredComponents
+from pipeline.cache_keys import digest, task_files
+from pipeline.evaluation import LM_EVAL_VERSION, evaluate_model
+from pipeline.model_pool import worker_pool
+from pipeline.search_state import CandidateRequest, CandidateScore, fitness_of, format_lambdas
+
+log = logging.getLogger(__name__)
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_group(name: str, n_layers: int, groups: int) -> int:
+    """The block of a tensor: layer ℓ of L goes to ⌊ℓ·G/L⌋; tensors outside the layers go with the first
+    block when they are embeddings and with the last otherwise (final norm, head)."""
+    found = LAYER_INDEX.search(name)
+    if found:
+        return int(found.group(1)) * groups // n_layers
+    return 0 if "embed" in name else groups - 1
+
+
+def candidate_weights(components: StoredComponents, genome: list[float], groups: int = 1) -> dict:
+    """θ_pre + Σ λ_i C_i for every tensor; with `groups` > 1, λ is the genome's row for the tensor's block."""
+    if groups == 1:
+        return components.state_dict(genome)
+    import torch
+
+    from pcbcore.methods import combine
+
+    n = components.n_models
+    if len(genome) != groups * n:
+        raise ValueError(f"{len(genome)} coefficients given for {groups} layer groups × {n} models")
+    rows = torch.tensor(genome, dtype=torch.float32).reshape(groups, n)
+    indices = [int(m.group(1)) for name in components.components if (m := LAYER_INDEX.search(name))]
+    n_layers = max(indices) + 1 if indices else 1
+    out = {}
+    for name, comps in components.components.items():
+        lambdas = rows[layer_group(name, n_layers, groups)]
+        merged = combine(components.base[name].reshape(-1), comps.reshape(n, -1), lambdas).reshape(comps.shape[1:])
+        out[name] = merged.to(components.out_dtypes[name])
+    out.update(components.passthrough)
+    return out
+
+
+def build_candidate(model: Any, components: StoredComponents, lambdas: list[float], groups: int = 1) -> None:
+    """Load θ_pre + Σ λ_i C_i into `model` in place (tied weights stay tied: only the file's keys load)."""
+    weights = candidate_weights(components, lambdas, groups)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name in missing if name not in weights and _is_tied(model, name)}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"components do not fit the model: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+
+
+def _is_tied(model: Any, name: str) -> bool:
+    return name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def candidate_key(request: CandidateRequest) -> str:
+    fitness = [request.tasks, request.split, request.limit, request.weights, task_files(request.include_path), LM_EVAL_VERSION]
+    genome = [float(x) for x in request.lambdas]
+    return "candidate-" + digest([request.components_key, genome if request.layer_groups == 1 else [request.layer_groups, genome], fitness])
+
+
+def score_candidate(request: CandidateRequest) -> CandidateScore:
+    """Build one candidate in memory from the stored components and score it on the search split."""
+    device = str(resolve_device(request.device))
+    cache = worker_pool()
+    components = cache.stored(request.components_folder, device)
+    base_dir = str(components.base_dir)
+    pair = cache.take_model(base_dir, request.tokenizer_folder, device)
+    try:
+        started = time.perf_counter()
+        build_candidate(pair[0], components, request.lambdas, request.layer_groups)
+        built = time.perf_counter()
+        result = evaluate_model(
+            pair[0],
+            pair[1],
+            request.tasks,
+            include_path=request.include_path,
+            split=request.split,
+            limit=request.limit,
+            device=device,
+            batch_size=request.batch_size,
+            cache_dir=Path(request.cache_dir) / "eval",
+        )
+        evaluated = time.perf_counter()
+    finally:
+        cache.give_back(base_dir, request.tokenizer_folder, device, pair)
+    scores = {name: score.value for name, score in result.scores.items()}
+    fitness = fitness_of(scores, request.weights)
+    log.info("λ=%s fitness %.4f (build %.3fs, evaluate %.2fs)", format_lambdas(request.lambdas), fitness, built - started, evaluated - built)
+    return CandidateScore(
+        lambdas=request.lambdas,
+        scores=scores,
+        fitness=fitness,
+        split=request.split,
+        build_seconds=round(built - started, 6),
+        eval_seconds=round(evaluated - built, 6),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )

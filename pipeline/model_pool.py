@@ -1,0 +1,52 @@
+"""The per-process pool a search's candidates run in: stored components loaded once per folder and device,
+and transformers models to load candidates into (one per candidate running at once in the process)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pcbcore.executor import StoredComponents
+
+
+class WorkerPool:
+    """Per worker process: the stored components (loaded once per folder and device) and a pool of models
+    to load candidates into (one per candidate running at once in this process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.components: dict[tuple[str, str], StoredComponents] = {}
+        self.free_models: dict[tuple[str, str, str], list[tuple[Any, Any]]] = {}
+
+    def stored(self, folder: str, device: str) -> StoredComponents:
+        with self.lock:
+            if (folder, device) not in self.components:
+                self.components[(folder, device)] = StoredComponents(folder, device=device)
+            return self.components[(folder, device)]
+
+    def take_model(self, base_dir: str, tokenizer_dir: str, device: str) -> tuple[Any, Any]:
+        # Loading under the lock: transformers' and lm-eval's lazy imports are not safe from parallel
+        # threads (a race gives "cannot import name 'AutoModelForCausalLM'"), and one load at a time
+        # bounds peak memory.
+        with self.lock:
+            pool = self.free_models.setdefault((base_dir, tokenizer_dir, device), [])
+            if pool:
+                return pool.pop()
+            from lm_eval.models.huggingface import HFLM  # noqa: F401  (imported once, here)
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False).to(device).eval()
+            return model, AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+
+    def give_back(self, base_dir: str, tokenizer_dir: str, device: str, pair: tuple[Any, Any]) -> None:
+        with self.lock:
+            self.free_models.setdefault((base_dir, tokenizer_dir, device), []).append(pair)
+
+
+_POOL = WorkerPool()
+
+
+def worker_pool() -> WorkerPool:
+    """This process's cache. Tasks reach it through this function: Prefect tasks are cloudpickled by value
+    for Dask, and a function is pickled by reference while a global holding a lock cannot be pickled."""
+    return _POOL

@@ -1,0 +1,138 @@
+"""The MLflow Model Registry: registering a merged folder with its lineage, reading versions back,
+`models:/` references and their downloads.
+
+A registered model version carries its lineage three ways: `lineage.json` in its run's artifacts (the full
+node), compact tags (`pcbmerge.*`, searchable in the UI) and a readable description.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pcbcore.errors import MergeInputError
+from pipeline.lineage import LINEAGE_ARTIFACT, lineage_description, lineage_tags
+from pipeline.settings import load_settings
+from pipeline.tracking import MAX_TAG_CHARS, client, experiment_id, log_json
+
+
+def register_model(run_id: str, experiment: str, folder: str, name: str, lineage: dict[str, Any]) -> dict[str, str]:
+    """Log the merged folder as an MLflow LoggedModel and register it under `name`; attach the lineage.
+
+    Returns `{"name", "version", "uri"}`. If anything fails after the version exists, the version is
+    deleted: a failed flow leaves no registry version behind.
+    """
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    logged = mlflow_client.create_logged_model(experiment_id(experiment), name=name, source_run_id=run_id, tags={"pcbmerge.method": str(lineage.get("method"))})
+    mlflow_client.log_model_artifacts(logged.model_id, folder)
+    mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    try:
+        mlflow_client.create_registered_model(name, description="Merged by pcbmerge; each version's lineage is in its tags and lineage.json.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = mlflow_client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id)
+    try:
+        node = {**lineage, "model": f"models:/{name}/{version.version}"}
+        log_json(mlflow_client, run_id, node, LINEAGE_ARTIFACT)
+        for key, value in lineage_tags(node).items():
+            mlflow_client.set_model_version_tag(name, version.version, key, value)
+        mlflow_client.update_model_version(name, version.version, description=lineage_description(node))
+    except BaseException:
+        mlflow_client.delete_model_version(name, version.version)
+        raise
+    return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+
+
+def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
+    """Extra tags on a registered version (a searched merge: its search settings and evaluation count)."""
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value[:MAX_TAG_CHARS])
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/NAME/VERSION` -> (name, version, None); `models:/NAME@alias` -> (name, None, alias)."""
+    body = uri.removeprefix("models:/")
+    if "@" in body and "/" not in body:
+        name, alias = body.split("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif body.count("/") == 1:
+        name, version = body.split("/")
+        if name and version.isdigit():
+            return name, version, None
+    raise MergeInputError(f"model reference '{uri}' must look like models:/NAME/VERSION or models:/NAME@alias")
+
+
+def model_version(uri: str):
+    """The registry entry `uri` names, or `MergeInputError` naming it."""
+    name, version, alias = parse_model_uri(uri)
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias) if alias else mlflow_client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
+            raise MergeInputError(f"model reference '{uri}' names no registered model version in {load_settings().tracking_uri}") from None
+        raise
+
+
+def download_registered_model(uri: str, dest_root: Path) -> tuple[str, str, Path]:
+    """Download a registered version's files once into `dest_root/NAME/VERSION`; returns (name, version, folder).
+
+    The download is reused only while that version still names the same logged model: a registered model
+    deleted and made again, or another tracking store, numbers its versions from 1 again."""
+    from mlflow.artifacts import download_artifacts
+
+    version = model_version(uri)
+    name, number = version.name, str(version.version)
+    model_id = getattr(version, "model_id", None) or version.source.removeprefix("models:/")
+    target = dest_root / name / number
+    if (target / ".complete").is_file() and (target / ".complete").read_text().strip() == model_id:
+        return name, number, target
+    location = client().get_logged_model(model_id).artifact_location
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{number}.", dir=target.parent))
+    try:
+        local = Path(download_artifacts(artifact_uri=location, dst_path=str(tmp)))  # tmp/<last part of location>
+        (local / ".complete").write_text(model_id + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        local.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return name, number, target
+
+
+def registered_versions(name: str) -> list[str]:
+    """Every version number of registered model `name`, oldest first (none when it does not exist)."""
+    versions = client().search_model_versions(f"name = '{name}'")
+    return [str(v) for v in sorted(int(version.version) for version in versions)]
+
+
+def read_lineage(uri: str) -> dict[str, Any]:
+    """The lineage node stored with a registered model version (`lineage.json` of its run)."""
+    version = model_version(uri)
+    if not version.run_id:
+        raise MergeInputError(f"model reference '{uri}' has no MLflow run, so no pcbmerge lineage")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client().download_artifacts(version.run_id, LINEAGE_ARTIFACT, tmp)
+        except OSError:
+            raise MergeInputError(f"model reference '{uri}' was not registered by pcbmerge (its run has no {LINEAGE_ARTIFACT})") from None
+        node = json.loads(Path(path).read_text())
+    return {**node, "model": f"models:/{version.name}/{version.version}"}
+
+
+def last_merge_lineage(name: str) -> dict[str, Any] | None:
+    """The lineage of the newest version of `name` (what the last merge registered there used), or None."""
+    versions = registered_versions(name)
+    return read_lineage(f"models:/{name}/{versions[-1]}") if versions else None

@@ -1,0 +1,171 @@
+"""MLflow runs: the client on the configured store, experiments, a flow's run, its params, metrics and
+artifacts, and the search's per-round records.
+
+One MLflow run per flow run. The MLflow *active run* is thread-local and Prefect tasks run in worker
+threads, so nothing here uses the fluent `mlflow.start_run` state: the run id is passed around and every
+call goes through an `MlflowClient` bound to the tracking URI from `pipeline.settings`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline import plots, tables
+from pipeline.settings import load_settings
+
+MAX_TAG_CHARS = 5000
+MAX_PARAM_CHARS = 6000
+
+
+def client():
+    """A client on the configured store. The registry resolves `models:/<logged model id>` sources
+    through MLflow's process-wide tracking URI, so that is pointed at the same store."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = load_settings().tracking_uri
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, created with an explicit artifact location under `$PCBMERGE_HOME/mlartifacts`.
+
+    Against a tracking server (http/https) the server chooses: its `--artifacts-destination` (a folder or an
+    object store), reached through the server, so workers on other machines and the UI read the same files."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = load_settings().tracking_uri
+    location = None if uri.startswith(("http://", "https://")) else (load_settings().artifact_dir / name).as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # created meanwhile by a concurrent flow
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise exc
+        return found.experiment_id
+
+
+def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """Open the flow's MLflow run; log the flattened config as params. Returns the run id."""
+    from mlflow.entities import Param
+
+    mlflow_client = client()
+    run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags={k: v for k, v in tags.items() if v})
+    flat = flatten(params)
+    batch = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()]
+    for start in range(0, len(batch), 100):
+        mlflow_client.log_batch(run.info.run_id, params=batch[start : start + 100])
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str) -> None:
+    client().set_terminated(run_id, status=status)
+
+
+def log_results(run_id: str, config_yaml: str, scores: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
+    """Metrics `<model label>.<task>` (and `.mean`); artifacts: the config YAML, the result table (markdown
+    and CSV) and a bar chart of per-task scores; tags."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for label, row in scores.items():
+        metrics += [Metric(f"{label}.{t}", float(v), now, 0) for t, v in row.items()]
+        if row:
+            metrics.append(Metric(f"{label}.mean", sum(row.values()) / len(row), now, 0))
+    mlflow_client = client()
+    mlflow_client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "merge_config.yml").write_text(config_yaml)
+        if scores:
+            (folder / "results.md").write_text(tables.format_markdown(scores))
+            (folder / "results.csv").write_text(tables.format_csv(scores))
+            plots.bar_chart(scores, folder / "scores.png", title=tags.get("pcbmerge.method", ""))
+        for path in sorted(folder.iterdir()):
+            mlflow_client.log_artifact(run_id, str(path))
+
+
+def log_json(mlflow_client, run_id: str, data: dict[str, Any], name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        mlflow_client.log_artifact(run_id, str(path))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}, "c": [x, y]}` -> `{"a.b": 1, "c.0": x, "c.1": y}` (MLflow params are flat)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for k, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data} if prefix else {"value": data}
+
+
+# ---------------------------------------------------------------- the coefficient search
+
+
+def reopen_run(run_id: str) -> None:
+    """A resumed search goes on logging into the run it started."""
+    client().update_run(run_id, status="RUNNING")
+
+
+def log_search_round(run_id: str, record: dict[str, Any], state_blob: bytes, history: dict[str, Any], artifact_path: str) -> None:
+    """One finished round: a nested run per candidate (λ, per-task validation scores, fitness); metrics
+    `best_fitness`, `mean_fitness`, `build_seconds`, `eval_seconds` on the parent at step = round; the
+    pickled CMA-ES state and every evaluation so far as artifacts under `artifact_path`."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    mlflow_client = client()
+    now, step = int(time.time() * 1000), int(record["round"])
+    experiment = mlflow_client.get_run(run_id).info.experiment_id
+    for candidate in record["candidates"]:
+        ratio = candidate.get("ratio")
+        name = f"round {step} candidate {candidate['index']}" + ("" if ratio is None else f" (ratio {ratio})")
+        child = mlflow_client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": run_id, "pcbmerge.search.round": str(step)})
+        params = [Param(f"lambda.{i}", repr(float(x))) for i, x in enumerate(candidate["lambdas"])]
+        params += [Param("round", str(step)), Param("index", str(candidate["index"])), Param("split", candidate["split"]), Param("ratio", str(ratio))]
+        metrics = [Metric(f"{candidate['split']}.{task}", float(v), now, 0) for task, v in candidate["scores"].items()]
+        metrics += [Metric(k, float(candidate[k]), now, 0) for k in ("fitness", "build_seconds", "eval_seconds")]
+        mlflow_client.log_batch(child.info.run_id, metrics=metrics, params=params)
+        mlflow_client.set_terminated(child.info.run_id, "FINISHED")
+    keys = ("best_fitness", "mean_fitness", "build_seconds", "eval_seconds")
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(record[k]), now, step) for k in keys])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cma_state.pkl").write_bytes(state_blob)
+        (Path(tmp) / "evaluations.json").write_text(json.dumps(history, indent=2) + "\n")
+        for name in ("cma_state.pkl", "evaluations.json"):
+            mlflow_client.log_artifact(run_id, str(Path(tmp) / name), artifact_path=artifact_path)
+
+
+def log_search_summary(run_id: str, plot_png: bytes, final: dict[str, Any], tags: dict[str, str]) -> None:
+    """The search's end: the convergence plot, the final λ (and why each ratio stopped), summary tags."""
+    from mlflow.entities import RunTag
+
+    mlflow_client = client()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "convergence.png").write_bytes(plot_png)
+        (Path(tmp) / "final_lambdas.json").write_text(json.dumps(final, indent=2) + "\n")
+        for name in ("convergence.png", "final_lambdas.json"):
+            mlflow_client.log_artifact(run_id, str(Path(tmp) / name), artifact_path="search")
+    mlflow_client.log_batch(run_id, tags=[RunTag(k, v[:MAX_TAG_CHARS]) for k, v in tags.items()])

@@ -18,6 +18,7 @@ from pipeline.config import PipelineConfig
 from pipeline.lineage import lineage_node
 from pipeline.outputs import MergedCheckpoint
 from pipeline.references import FetchedCheckpoint
+from pipeline.registry import describe_registration
 from pipeline.scores import EvalResult
 from pipeline.settings import load_settings
 from tasks.evaluate import evaluate_checkpoint
@@ -67,6 +68,8 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
         registered = register_model(run_id, config.experiment, merged.folder, config.register_as, lineage) if config.register_as else None
         if registered is None:
             log_lineage(run_id, lineage)
+        else:
+            logger.info(describe_registration(registered))
         status = "FINISHED"
     finally:
         finish_tracking(run_id, status)

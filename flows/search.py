@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from flows.run_context import prefect_tags, tracked_params
 from pipeline.lineage import lineage_node
 from pipeline.plots import convergence_png
+from pipeline.registry import describe_registration
 from pipeline.search_config import SearchPipelineConfig
 from pipeline.search_state import (
     Candidate,
@@ -186,7 +187,9 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
         if registered is None:
             log_lineage(run_id, lineage)
         else:
-            tag_model_version(registered["name"], registered["version"], _search_tags(config, outcome))
+            logger.info(describe_registration(registered))
+            if registered["matched"] != "true":  # a matched version keeps the tags of the search that made it
+                tag_model_version(registered["name"], registered["version"], _search_tags(config, outcome))
         status = "FINISHED"
     finally:
         finish_tracking(run_id, status)

@@ -1,7 +1,11 @@
 """`watch_flow`: merge again when the checkpoints in a source change, and only then.
 
     discover the source's checkpoints → read what the last merge used (MLflow lineage of the newest version
-    of `register_as`) → same set? done : merge_flow (or search_flow) on the new set
+    of `register_as`) → same content and parameters? done : merge_flow (or search_flow) on the new set
+
+"Same" is decided by content — each checkpoint's fingerprint (or Hub commit, registry version), the base's,
+the method and its parameters — never by the paths the checkpoints sit under: a merge made from the UI out
+of `zoo/experts/a` and a watch of `incoming/` holding a copy of it are the same merge.
 
 The last merge's inputs come from the registry, not from a side file, so a watch is idempotent however
 often it runs and wherever it runs: two runs on the same set make one merge. A failed merge registers
@@ -19,7 +23,7 @@ from pydantic import BaseModel, Field
 from pcbcore.config import ModelEntry
 from pcbcore.errors import MergeInputError
 from pipeline.config import PipelineConfig
-from pipeline.discovery import DiscoveredCheckpoint, same_checkpoint, source_kind
+from pipeline.discovery import DiscoveredCheckpoint, lineage_identity, merge_identity, reference_identity, same_checkpoint, source_kind
 from pipeline.registry import last_merge_lineage
 from pipeline.search_config import SearchPipelineConfig
 from pipeline.settings import load_settings
@@ -51,12 +55,13 @@ def watch_flow(config: WatchConfig) -> WatchOutcome:
         return WatchOutcome(merged=False, model=None, inputs=refs, reason=f"{len(found)} checkpoint(s), fewer than min_models={config.min_models}")
 
     last = last_merge_lineage(name)
-    if last is not None and merged_set(last) == {(c.ref, c.identity) for c in found} and _base_of(last) == pipeline.base_model:
-        logger.info("nothing new since %s; no merge", last["model"])
+    merge_config = pipeline_for(pipeline, found)
+    searched = config.search is not None
+    if last is not None and lineage_identity(last, searched) == wanted_identity(merge_config, found, searched):
+        logger.info("nothing new since %s (same content and parameters); no merge", last["model"])
         return WatchOutcome(merged=False, model=None, inputs=refs, reason=f"same checkpoints as {last['model']}")
 
     logger.info("the set changed since %s; merging %d checkpoints", last["model"] if last else "the first merge", len(found))
-    merge_config = pipeline_for(pipeline, found)
     if config.search is not None:
         from flows.search import search_flow
 
@@ -79,13 +84,13 @@ def check_watch_config(config: WatchConfig) -> None:
         raise MergeInputError(f"watch source '{config.source}' is the model the watch registers into; it would merge its own output forever")
 
 
-def merged_set(lineage: dict) -> set[tuple[str, str]]:
-    """(ref, identity) of every merged (non-base) input of a lineage node; identity as in `DiscoveredCheckpoint`."""
-    return {(item["ref"], item.get("revision") or item["fingerprint"]) for item in lineage.get("inputs", []) if item.get("role") == "model"}
-
-
-def _base_of(lineage: dict) -> str | None:
-    return next((item["ref"] for item in lineage.get("inputs", []) if item.get("role") == "base"), None)
+def wanted_identity(merge_config: PipelineConfig, found: list[DiscoveredCheckpoint], searched: bool) -> tuple:
+    """What a merge of the found checkpoints would be made of, by content (`pipeline.discovery.merge_identity`)."""
+    merge = merge_config.merge_config()
+    identities = {c.ref: c.identity for c in found}
+    models = [(identities[ref], params.model_dump(by_alias=True)) for ref, params in zip(merge.models, merge.model_params)]
+    base = reference_identity(merge.base_model, load_settings().cache_dir)
+    return merge_identity(merge.method_name, merge.params.model_dump(by_alias=True), base, models, searched)
 
 
 def pipeline_for(pipeline: PipelineConfig, found: list[DiscoveredCheckpoint]) -> PipelineConfig:

@@ -18,6 +18,7 @@ one (Hub commit, registry version), else the content fingerprint.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -114,3 +115,35 @@ def same_checkpoint(path_a: str, path_b: str) -> bool:
         return os.path.samefile(path_a, path_b)
     except OSError:
         return False
+
+
+def reference_identity(ref: str, cache_dir: str | Path) -> str:
+    """What a merge's lineage records for a reference: a local folder's content fingerprint, else the
+    reference as written (a Hub branch or a registry alias is only resolved by the fetch itself)."""
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        return fingerprint_folder(folder.resolve(), Path(cache_dir) / "digests")
+    return ref
+
+
+def merge_identity(method: str, parameters: dict, base: str, models: list[tuple[str, dict]], searched: bool = False) -> tuple:
+    """A merge by content: method, parameters, the base's identity and each model's (identity, parameters),
+    never the paths the checkpoints sit under. For a searched merge the per-model λ is the search's answer,
+    not an input, so it is left out."""
+
+    def model_params(params: dict) -> str:
+        return json.dumps({k: v for k, v in params.items() if not (searched and k == "lambda")}, sort_keys=True)
+
+    return (method, json.dumps(parameters, sort_keys=True), base, sorted((identity, model_params(params)) for identity, params in models))
+
+
+def lineage_identity(lineage: dict, searched: bool = False) -> tuple:
+    """`merge_identity` of what a registered merge's lineage says it was made of."""
+    inputs = lineage.get("inputs", [])
+
+    def identity(item: dict) -> str:
+        return item.get("revision") or item["fingerprint"]
+
+    base = next((item for item in inputs if item.get("role") == "base"), None)
+    models = [(identity(item), item.get("parameters") or {}) for item in inputs if item.get("role") == "model"]
+    return merge_identity(str(lineage.get("method")), lineage.get("parameters") or {}, identity(base) if base else "", models, searched)

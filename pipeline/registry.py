@@ -19,16 +19,43 @@ from pipeline.settings import load_settings
 from pipeline.tracking import MAX_TAG_CHARS, client, experiment_id, log_json
 
 
-def register_model(run_id: str, experiment: str, folder: str, name: str, lineage: dict[str, Any]) -> dict[str, str]:
-    """Log the merged folder as an MLflow LoggedModel and register it under `name`; attach the lineage.
+def version_with_content(name: str, fingerprint: str) -> str | None:
+    """The number of the oldest version of `name` whose weights have this content fingerprint, or None."""
+    from mlflow.exceptions import MlflowException
 
-    Returns `{"name", "version", "uri"}`. If anything fails after the version exists, the version is
-    deleted: a failed flow leaves no registry version behind.
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    same = sorted(int(v.version) for v in versions if (v.tags or {}).get("pcbmerge.fingerprint") == fingerprint)
+    return str(same[0]) if same else None
+
+
+def register_model(run_id: str, experiment: str, folder: str, name: str, lineage: dict[str, Any]) -> dict[str, str]:
+    """Register the merged folder under `name`, keyed by content: when a version of `name` already holds
+    the same bytes (its `pcbmerge.fingerprint` tag equals the merge's fingerprint), that version is the
+    answer — no new version, no second copy of the weights — and this run is tagged with the version it
+    matched. Otherwise the folder is logged as an MLflow LoggedModel and registered as a new version
+    carrying the lineage.
+
+    Returns `{"name", "version", "uri", "matched"}` (`matched`: "true" when an existing version was
+    reused). If anything fails after a new version exists, the version is deleted: a failed flow leaves
+    no registry version behind.
     """
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client()
+    fingerprint = lineage.get("fingerprint")
+    matched = version_with_content(name, fingerprint) if fingerprint else None
+    if matched is not None:
+        uri = f"models:/{name}/{matched}"
+        log_json(mlflow_client, run_id, {**lineage, "model": uri}, LINEAGE_ARTIFACT)
+        mlflow_client.set_tag(run_id, "pcbmerge.registered_version", uri)
+        mlflow_client.set_tag(run_id, "pcbmerge.registered_version_matched", "true")
+        return {"name": name, "version": matched, "uri": uri, "matched": "true"}
     logged = mlflow_client.create_logged_model(experiment_id(experiment), name=name, source_run_id=run_id, tags={"pcbmerge.method": str(lineage.get("method"))})
     mlflow_client.log_model_artifacts(logged.model_id, folder)
     mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
@@ -44,10 +71,18 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
         for key, value in lineage_tags(node).items():
             mlflow_client.set_model_version_tag(name, version.version, key, value)
         mlflow_client.update_model_version(name, version.version, description=lineage_description(node))
+        mlflow_client.set_tag(run_id, "pcbmerge.registered_version", node["model"])
     except BaseException:
         mlflow_client.delete_model_version(name, version.version)
         raise
-    return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+    return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}", "matched": "false"}
+
+
+def describe_registration(registered: dict[str, str]) -> str:
+    """One log line: the new version, or the existing version whose content the merge matched."""
+    if registered.get("matched") == "true":
+        return f"same weights as {registered['uri']} (content fingerprint); no new version registered"
+    return f"registered {registered['uri']}"
 
 
 def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:

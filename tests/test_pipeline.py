@@ -94,11 +94,15 @@ def test_flow_tracks_registers_and_records_lineage(first_merge, micro_zoo, mlflo
     assert node["inputs"][1]["parameters"]["density"] == 0.5
 
 
-def test_rerun_hits_the_caches(first_merge):
+def test_rerun_hits_the_caches(first_merge, mlflow_client):
     _, first, second = first_merge
     again = second.result()
     assert again.reused and again.fingerprint == first.result().fingerprint
     assert again.scores == first.result().scores
+    # The registry is keyed by content: the same bytes are the same version, registered (and stored) once.
+    assert again.model_uri == first.result().model_uri == "models:/pipeline-ties/1"
+    assert [str(v.version) for v in mlflow_client.search_model_versions("name='pipeline-ties'")] == ["1"]
+    assert mlflow_client.get_run(again.run_id).data.tags["pcbmerge.registered_version_matched"] == "true"
     states = _task_run_states(second.state_details.flow_run_id)
     assert set(states["evaluate"]) == {"Cached"}, states  # no second evaluation
     assert states["merge"] in (["Cached"], ["Completed"])  # Completed = reused the finished folder, no merge

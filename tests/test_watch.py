@@ -53,6 +53,15 @@ def test_watch_merges_only_when_the_set_changes(watched, micro_zoo, capsys, monk
     again = _watch(capsys, watched)
     assert again == {"merged": False, "model": None, "inputs": first["inputs"]}
 
+    # The same checkpoints copied under another folder are the same merge: content decides, not paths.
+    elsewhere = watched["root"] / "elsewhere"
+    for task in micro_zoo.tasks[:2]:
+        shutil.copytree(source / task, elsewhere / task)
+    capsys.readouterr()
+    assert main(["watch", str(watched["config"]), "--source", str(elsewhere), "--json"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["merged"] is False and moved["model"] is None
+
     added = micro_zoo.tasks[2]
     shutil.copytree(micro_zoo.experts[added], source / added)
     second = _watch(capsys, watched)

@@ -76,8 +76,8 @@ def time_candidates(zoo, work: Path, args) -> dict:
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pcbcore.components import StoredComponents, compute_components
     from pcbcore.config import parse_merge_config
-    from pcbcore.executor import StoredComponents, compute_components
     from pipeline.candidates import build_candidate
     from pipeline.evaluation import evaluate_model
 

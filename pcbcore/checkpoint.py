@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
 
 # safetensors dtype names <-> torch dtypes (the subset transformers checkpoints use).
 DTYPES: dict[str, torch.dtype] = {

@@ -2,37 +2,39 @@
 
 Memory is bounded by one block of rows per model (`BLOCK_ELEMENTS` entries each, in float32) plus the
 method's temporaries, whatever the model's size. A method's statistics are computed over its scope
-(`pcbcore.stats`): for `scope: tensor`, each tensor's blocks are walked once per stage (a tensor that
+(`pcbcore.stages`): for `scope: tensor`, each tensor's blocks are walked once per stage (a tensor that
 fits in one block is read once and kept); for `scope: model`, every stage is one pass over all merged
 tensors, then a final pass computes the components and writes them.
 
 Public entry points:
 - `merge_to_folder(config, out_dir)`: the CLI merge (components combined with the config's λ, block by
   block, written as sharded safetensors).
-- `compute_components(config, out_dir)`: the components C_i of eq. (1) stored once (float32), so that
-  `combine_components(dir, lambdas)` builds any candidate in memory cheaply (the CMA-ES search).
+- `merge_state_dicts(config, base, models)`: the same merge of state dicts in memory.
+- `stream_components`: the components C_i of eq. (1) block by block, which `pcbcore.components` stores
+  for the CMA-ES search.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import yaml
 
-from pcbcore.checkpoint import CheckpointReader, ShardedWriter, TensorInfo, atomic_output, copy_side_files
+from pcbcore.card import write_model_card
+from pcbcore.checkpoint import ShardedWriter, TensorInfo, atomic_output, copy_side_files
 from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
+from pcbcore.inputs import MergeInputs, StateDictReader, TensorReader, open_inputs, plan_inputs
 from pcbcore.memory import bound_resident_memory, keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
-from pcbcore.stats import Block, Stats, combine_partial, row_spans, sample_columns
+from pcbcore.selection import sample_columns
+from pcbcore.stages import Block, ScopeFacts, Stats, combine_partial, row_spans
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 BLOCK_ELEMENTS = 1 << 22
 STREAM_BLOCK_ELEMENTS = 1 << 20
 DEFAULT_SHARD_BYTES = 5 * 10**9
-# Columns sampled from a multi-block scope to bracket its order statistics (`pcbcore.stats`), the most
+# Columns sampled from a multi-block scope to bracket its order statistics (`pcbcore.selection`), the most
 # reads per tensor for it (runs of adjacent rows at random places), and the size under which a tensor is
 # sampled from a whole read.
 SCOPE_SAMPLE = 1 << 18
@@ -52,51 +54,6 @@ SAMPLE_READS = 16
 SMALL_TENSOR = 1 << 20
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-@dataclass
-class MergeInputs:
-    """Opened checkpoints and the tensor plan: which tensors merge, which are copied from the base."""
-
-    base: CheckpointReader
-    models: list[CheckpointReader]
-    merged: list[TensorInfo]
-    passthrough: list[TensorInfo]
-    # Models that are the base itself (linear lists it among the models): their task vectors are exactly 0.
-    same_as_base: frozenset[int] = frozenset()
-
-    @property
-    def numel(self) -> int:
-        return sum(t.numel for t in self.merged)
-
-    def close(self) -> None:
-        for reader in (self.base, *self.models):
-            reader.close()
-
-
-def open_inputs(config: MergeConfig) -> MergeInputs:
-    """Open the base and every model and check, before any heavy work, that their tensors line up."""
-    allow = config.raw.allow_pickle
-    base = CheckpointReader(config.base_model, allow_pickle=allow)
-    models = [CheckpointReader(m, allow_pickle=allow) for m in config.models]
-    merged, passthrough = [], []
-    for info in base.tensors.values():
-        (merged if info.dtype.is_floating_point else passthrough).append(info)
-    for reader in models:
-        for info in merged:
-            other = reader.tensors.get(info.name)
-            if other is None:
-                raise MergeInputError(f"tensor '{info.name}' is in base model '{base.label}' but missing from model '{reader.label}'")
-            if other.shape != info.shape:
-                raise MergeInputError(
-                    f"tensor '{info.name}' has shape {list(info.shape)} in base model '{base.label}' but {list(other.shape)} in model '{reader.label}'"
-                )
-        extra = sorted(set(reader.tensors) - set(base.tensors))
-        if extra:
-            raise MergeInputError(f"tensor '{extra[0]}' is in model '{reader.label}' but not in base model '{base.label}'")
-    base_folder = Path(config.base_model).resolve()
-    same = frozenset(i for i, m in enumerate(config.models) if Path(m).resolve() == base_folder)
-    return MergeInputs(base, models, merged, passthrough, same)
 
 
 def blocks_of(info: TensorInfo) -> list[Block]:
@@ -122,12 +79,12 @@ class BlockLoader:
         self._checked: set[tuple] = set()
         self.bytes_read = 0
 
-    def _raw(self, reader: CheckpointReader, name: str, rows) -> torch.Tensor:
+    def _raw(self, reader: TensorReader, name: str, rows) -> torch.Tensor:
         raw = reader.read(name, rows)
         self.bytes_read += raw.numel() * raw.element_size()
         return raw.to(self.device, non_blocking=True).reshape(-1)
 
-    def _check(self, values: torch.Tensor, reader: CheckpointReader, name: str, rows) -> None:
+    def _check(self, values: torch.Tensor, reader: TensorReader, name: str, rows) -> None:
         """Refuse NaN/Inf, once per input block. min and max propagate NaN and are ±Inf if any entry is:
         one reduction, ~15× faster than isfinite().all()."""
         key = (reader.label, name, rows)
@@ -138,7 +95,7 @@ class BlockLoader:
             raise MergeInputError(f"tensor '{name}' of model '{reader.label}' contains NaN or Inf values")
         self._checked.add(key)
 
-    def _read(self, reader: CheckpointReader, name: str, rows) -> torch.Tensor:
+    def _read(self, reader: TensorReader, name: str, rows) -> torch.Tensor:
         block = self._raw(reader, name, rows).to(torch.float32)
         self._check(block, reader, name, rows)
         return block
@@ -171,7 +128,7 @@ class BlockLoader:
         its size: a small tensor's random columns, a large tensor's every entry in at most SAMPLE_READS runs of
         adjacent rows at random places, long enough together to hold its share. Seeded by tensor name, though
         no result depends on the sample: it only guesses where an order statistic lies, and the more distinct
-        entries it holds, the narrower that guess (`pcbcore.stats.bracket_bounds`)."""
+        entries it holds, the narrower that guess (`pcbcore.selection.bracket_bounds`)."""
         total = max(sum(t.numel for t in scope), 1)
         parts = []
         for info in scope:
@@ -201,11 +158,9 @@ def sample_runs(info: TensorInfo, want: int, generator: torch.Generator) -> list
 def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoader, progress: Progress | None = None) -> Stats:
     """Run the method's stages over `scope`, one pass per stage, and return the finished statistics."""
     stages = config.method.stages(config.params, list(config.model_params))
-    numel = sum(t.numel for t in scope)
-    stats: Stats = {"numel": torch.tensor(numel), "n_models": torch.tensor(len(config.models))}
     single = len(scope) == 1 and len(blocks_of(scope[0])) == 1
-    if not single and any(stage.start is not None for stage in stages):
-        stats["sample"] = loader.sample(scope, SCOPE_SAMPLE)
+    sample = loader.sample(scope, SCOPE_SAMPLE) if not single and any(stage.start is not None for stage in stages) else None
+    stats = Stats(ScopeFacts(sum(t.numel for t in scope), len(config.models), sample))
     planned, run = sum(stage.needed is None for stage in stages) + 1, 0
     for stage in stages:
         if stage.needed is not None and not stage.needed(stats):
@@ -214,23 +169,21 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
         shortcut = single and stage.whole is not None
         if stage.start is not None and not shortcut:
             stage.start(stats)
-        totals: Stats = {}
+        total = None
         for done, info in enumerate(scope, 1):
             for block in blocks_of(info):
                 _, task_vectors = loader.load(block)
-                for key, (op, fn) in stage.reductions.items():
-                    if not (shortcut and key in stage.replaces):
-                        totals[key] = combine_partial(op, totals.get(key), fn(task_vectors, stats, block))
+                if not shortcut:
+                    total = combine_partial(stage.op, total, stage.reduce(task_vectors, stats, block))
             if len(scope) > 1:
                 bound_resident_memory()
                 if progress:
                     progress(f"pass {run}/{max(planned, run + 1)}", done, len(scope))
-        stats.update(totals)
         if shortcut:
             stage.whole(task_vectors, stats, block)
-        elif stage.finish is not None:
-            stage.finish(stats)
-    stats.pop("sample", None)
+        else:
+            stage.finish(stats, total)
+    stats.scope = replace(stats.scope, sample=None)  # the sample only guides the passes
     return stats
 
 
@@ -281,7 +234,8 @@ def _passes(config: MergeConfig) -> int:
     return sum(stage.needed is None for stage in config.method.stages(config.params, list(config.model_params))) + 1
 
 
-def _block_shape(info: TensorInfo, rows) -> tuple[int, ...]:
+def block_shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    """The shape of a block of a tensor: its rows [start, stop) (None: the whole tensor)."""
     return info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
 
 
@@ -323,7 +277,7 @@ def merge_to_folder(
             writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"merged_by": "pcbmerge", "merge_method": config.method_name})
             loader = BlockLoader(inputs, dev)
             for info, rows, merged in merged_blocks(config, loader, progress):
-                writer.write(info.name, merged.reshape(_block_shape(info, rows)))
+                writer.write(info.name, merged.reshape(block_shape(info, rows)))
             for info in inputs.passthrough:
                 writer.write(info.name, inputs.base.read(info.name))
             writer.close()
@@ -331,8 +285,7 @@ def merge_to_folder(
             copy_side_files(Path(config.base_model), tmp, config.out_dtype)
             if tokenizer_dir != Path(config.base_model):
                 copy_side_files(tokenizer_dir, tmp, None, tokenizer_only=True)
-            (tmp / "pcbmerge_config.yml").write_text(config_text or yaml.safe_dump(config.describe(), sort_keys=False))
-            (tmp / "README.md").write_text(model_card(config))
+            write_model_card(config, tmp, config_text)
     finally:
         inputs.close()
     return MergeReport(
@@ -349,140 +302,20 @@ def merge_to_folder(
     )
 
 
-def model_card(config: MergeConfig) -> str:
-    """A Hugging Face model card saying which models, method and parameters produced the merge."""
-    desc = config.describe()
-    lines = [
-        "---",
-        yaml.safe_dump(
-            {"base_model": config.base_model, "tags": ["merge", "pcbmerge", config.method_name], "library_name": "transformers"}, sort_keys=False
-        ).strip(),
-        "---",
-        "",
-        f"# Merged model ({config.method_name})",
-        "",
-        f"Produced by [pcbmerge](https://github.com/) with merge method `{config.method_name}` from base model `{config.base_model}`.",
-        "",
-        "## Models merged",
-        "",
-        "| model | parameters |",
-        "|---|---|",
-        *[f"| `{m['model']}` | `{json.dumps(m['parameters'])}` |" for m in desc["models"]],
-        "",
-        "## Method parameters",
-        "",
-        "```yaml",
-        yaml.safe_dump(desc["parameters"], sort_keys=False).strip(),
-        "```",
-        "",
-        "The full configuration is in `pcbmerge_config.yml`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- stored components (for the search)
-
-COMPONENTS_MANIFEST = "components.json"
-
-
-def compute_components(config: MergeConfig, out_dir: str | Path, *, device: str = "auto", overwrite: bool = False, progress: Progress | None = None) -> Path:
-    """Store C_i (float32) for every merged tensor: one safetensors file per model, plus a manifest."""
-    keep_freed_memory()
-    dev = resolve_device(device)
-    out_dir = Path(out_dir)
-    inputs = open_inputs(config)
-    try:
-        with atomic_output(out_dir, overwrite=overwrite) as tmp:
-            plan = [(t.name, torch.float32, t.shape) for t in inputs.merged]
-            writers = []
-            for i in range(len(config.models)):
-                (tmp / f"model-{i}").mkdir()
-                writers.append(ShardedWriter(tmp / f"model-{i}", plan))
-            for info, rows, _, components in stream_components(config, BlockLoader(inputs, dev), progress):
-                for i, writer in enumerate(writers):
-                    writer.write(info.name, components[i].reshape(_block_shape(info, rows)))
-            for writer in writers:
-                writer.close()
-            manifest = {
-                "base_model": str(Path(config.base_model).resolve()),
-                "models": [str(Path(m).resolve()) for m in config.models],
-                "config": config.describe(),
-                "out_dtypes": {t.name: str(config.out_dtype or t.dtype).removeprefix("torch.") for t in inputs.merged},
-                "passthrough": [t.name for t in inputs.passthrough],
-            }
-            (tmp / COMPONENTS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    finally:
-        inputs.close()
-    return out_dir
-
-
-class StoredComponents:
-    """Components loaded once (onto a device) and combined for any λ: the search's candidate builder."""
-
-    def __init__(self, folder: str | Path, device: str = "auto"):
-        self.folder = Path(folder)
-        manifest = json.loads((self.folder / COMPONENTS_MANIFEST).read_text())
-        self.device = resolve_device(device)
-        self.base_dir = Path(manifest["base_model"])
-        self.n_models = len(manifest["models"])
-        base = CheckpointReader(self.base_dir)
-        readers = [CheckpointReader(self.folder / f"model-{i}") for i in range(self.n_models)]
-        self.out_dtypes = {k: getattr(torch, v) for k, v in manifest["out_dtypes"].items()}
-        self.base = {name: base.read(name).to(self.device, torch.float32) for name in self.out_dtypes}
-        self.passthrough = {name: base.read(name) for name in manifest["passthrough"]}
-        # (n, *shape) per tensor
-        self.components = {name: torch.stack([r.read(name).to(self.device) for r in readers]) for name in self.out_dtypes}
-
-    def state_dict(self, lambdas, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """θ_pre + Σ λ_i C_i for every tensor (each in its output dtype unless `dtype` is given)."""
-        lambdas = torch.as_tensor(lambdas, dtype=torch.float32)
-        if lambdas.numel() != self.n_models:
-            raise MergeInputError(f"{lambdas.numel()} coefficients given for {self.n_models} models")
-        out = {}
-        for name, comps in self.components.items():
-            merged = combine(self.base[name].reshape(-1), comps.reshape(self.n_models, -1), lambdas).reshape(comps.shape[1:])
-            out[name] = merged.to(dtype or self.out_dtypes[name])
-        out.update(self.passthrough)
-        return out
-
-
-# ---------------------------------------------------------------- in memory
-
-
-class _MemoryReader:
-    """A `CheckpointReader` stand-in over a dict of tensors (for merging tensors already in memory)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], label: str):
-        self.label = label
-        self._tensors = tensors
-        self.tensors = {k: TensorInfo(k, v.dtype, tuple(v.shape), Path(label)) for k, v in tensors.items()}
-
-    def read(self, name: str, rows=None) -> torch.Tensor:
-        t = self._tensors[name]
-        return t if rows is None else t[rows[0] : rows[1]]
-
-    def close(self) -> None:
-        pass
-
-
 def merge_state_dicts(
     config: MergeConfig, base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], device: str = "auto"
 ) -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts exactly as `merge_to_folder` merges folders (same blocks, same maths).
+    """Merge in-memory state dicts exactly as `merge_to_folder` merges folders (same blocks, same maths,
+    same checks of the inputs).
 
     `config.models` only labels the inputs here; `models` are the fine-tuned state dicts in that order.
     """
     if len(models) != len(config.models):
         raise MergeInputError(f"{len(models)} state dicts given for {len(config.models)} models in the config")
-    readers = [_MemoryReader(sd, label) for sd, label in zip(models, config.models)]
-    base_reader = _MemoryReader(base, config.base_model)
-    inputs = MergeInputs(base_reader, readers, [], [])
-    for info in base_reader.tensors.values():
-        (inputs.merged if info.dtype.is_floating_point else inputs.passthrough).append(info)
+    inputs = plan_inputs(StateDictReader(base, config.base_model), [StateDictReader(sd, label) for sd, label in zip(models, config.models)])
     out: dict[str, list[torch.Tensor]] = {}
     for info, rows, merged in merged_blocks(config, BlockLoader(inputs, resolve_device(device))):
-        out.setdefault(info.name, []).append(merged.reshape(_block_shape(info, rows)).to(config.out_dtype or info.dtype))
+        out.setdefault(info.name, []).append(merged.reshape(block_shape(info, rows)).to(config.out_dtype or info.dtype))
     result = {name: torch.cat(blocks) if len(blocks) > 1 else blocks[0] for name, blocks in out.items()}
     result.update({info.name: base[info.name] for info in inputs.passthrough})
     return result

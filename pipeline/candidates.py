@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from pcbcore.components import StoredComponents
 from pcbcore.device import resolve_device
-from pcbcore.executor import StoredComponents
 from pipeline.cache_keys import digest, task_files
 from pipeline.evaluation import LM_EVAL_VERSION, evaluate_model
 from pipeline.model_pool import worker_pool
@@ -23,44 +22,9 @@ from pipeline.search_state import CandidateRequest, CandidateScore, fitness_of, 
 log = logging.getLogger(__name__)
 
 
-LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_group(name: str, n_layers: int, groups: int) -> int:
-    """The block of a tensor: layer ℓ of L goes to ⌊ℓ·G/L⌋; tensors outside the layers go with the first
-    block when they are embeddings and with the last otherwise (final norm, head)."""
-    found = LAYER_INDEX.search(name)
-    if found:
-        return int(found.group(1)) * groups // n_layers
-    return 0 if "embed" in name else groups - 1
-
-
-def candidate_weights(components: StoredComponents, genome: list[float], groups: int = 1) -> dict:
-    """θ_pre + Σ λ_i C_i for every tensor; with `groups` > 1, λ is the genome's row for the tensor's block."""
-    if groups == 1:
-        return components.state_dict(genome)
-    import torch
-
-    from pcbcore.methods import combine
-
-    n = components.n_models
-    if len(genome) != groups * n:
-        raise ValueError(f"{len(genome)} coefficients given for {groups} layer groups × {n} models")
-    rows = torch.tensor(genome, dtype=torch.float32).reshape(groups, n)
-    indices = [int(m.group(1)) for name in components.components if (m := LAYER_INDEX.search(name))]
-    n_layers = max(indices) + 1 if indices else 1
-    out = {}
-    for name, comps in components.components.items():
-        lambdas = rows[layer_group(name, n_layers, groups)]
-        merged = combine(components.base[name].reshape(-1), comps.reshape(n, -1), lambdas).reshape(comps.shape[1:])
-        out[name] = merged.to(components.out_dtypes[name])
-    out.update(components.passthrough)
-    return out
-
-
 def build_candidate(model: Any, components: StoredComponents, lambdas: list[float], groups: int = 1) -> None:
     """Load θ_pre + Σ λ_i C_i into `model` in place (tied weights stay tied: only the file's keys load)."""
-    weights = candidate_weights(components, lambdas, groups)
+    weights = components.state_dict(lambdas, groups=groups)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if name not in weights and _is_tied(model, name)}
     if unexpected or set(missing) - tied:

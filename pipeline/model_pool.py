@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pcbcore.executor import StoredComponents
+from pcbcore.components import StoredComponents
 
 
 class WorkerPool:

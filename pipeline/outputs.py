@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel
 
 from pcbcore.checkpoint import atomic_output
+from pcbcore.components import StoredComponents
 from pcbcore.device import resolve_device
-from pcbcore.executor import StoredComponents, merge_to_folder
+from pcbcore.executor import merge_to_folder
 from pipeline.cache_keys import digest, merge_recipe
 from pipeline.candidates import build_candidate
 from pipeline.config import PipelineConfig

@@ -1,7 +1,7 @@
 """Input validation: refuse incompatible checkpoints before any heavy work.
 
 Checks that every input declares the same architecture as the base (`config.json`), then opens all
-checkpoints lazily (`pcbcore.executor.open_inputs`) so tensor names and shapes are compared from the
+checkpoints lazily (`pcbcore.inputs.open_inputs`) so tensor names and shapes are compared from the
 safetensors headers alone: no tensor is read.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pcbcore.errors import MergeInputError
-from pcbcore.executor import open_inputs
+from pcbcore.inputs import open_inputs
 from pipeline.config import PipelineConfig
 from pipeline.references import FetchedCheckpoint
 

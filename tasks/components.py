@@ -12,8 +12,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from pcbcore.executor import COMPONENTS_MANIFEST
-from pcbcore.executor import compute_components as store_components
+from pcbcore.components import COMPONENTS_MANIFEST
+from pcbcore.components import compute_components as store_components
 from pipeline.cache_keys import digest, merge_recipe
 from pipeline.config import PipelineConfig
 from pipeline.references import FetchedCheckpoint

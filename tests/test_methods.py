@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 import pcbcore.methods.dare as dare
 from pcbcore.config import parse_merge_config
+from pcbcore.errors import MergeInputError
 from pcbcore.executor import merge_state_dicts
-from pcbcore.stats import Block
+from pcbcore.stages import Block
 
 BASE = {"w": torch.zeros(4)}
 TASKS = [{"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}, {"w": torch.tensor([-1.0, -1.0, 1.0, 2.0])}]
@@ -147,3 +151,14 @@ def test_dare_ties_draws_each_mask_once_over_a_streamed_tensor(monkeypatch):
     tasks = [{"w": torch.randn(40, 5, generator=gen)} for _ in range(3)]
     merge("dare_ties", tasks, {"w": torch.zeros(40, 5)}, density=0.5)
     assert len(drawn) == len(set(drawn)) == 3 * 20
+
+
+def test_state_dicts_are_checked_as_folders_are():
+    """merge_state_dicts refuses what a folder merge refuses: a missing, misshapen or extra tensor."""
+    for model, message in [
+        ({}, "tensor 'w' is in base model 'base' but missing from model 'm1'"),
+        ({"w": torch.zeros(5)}, "tensor 'w' has shape [4] in base model 'base' but [5] in model 'm1'"),
+        ({"w": torch.zeros(4), "v": torch.zeros(1)}, "tensor 'v' is in model 'm1' but not in base model 'base'"),
+    ]:
+        with pytest.raises(MergeInputError, match=re.escape(message)):
+            merge("task_arithmetic", [TASKS[0], model])

@@ -213,7 +213,7 @@ def test_components_are_stored_once_per_recipe(micro_zoo):
     """The search's components task: keyed on inputs and method parameters, not on λ."""
     from prefect import flow
 
-    from pcbcore.executor import StoredComponents
+    from pcbcore.components import StoredComponents
     from pipeline.settings import load_settings
     from tasks.components import compute_components
     from tasks.fetch import fetch_checkpoint

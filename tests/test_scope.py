@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pcbcore.executor as executor
-import pcbcore.stats as stats
+import pcbcore.selection as order_statistics
 from pcbcore.checkpoint import CheckpointReader, TensorInfo
 from pcbcore.config import parse_merge_config
 
@@ -94,7 +94,7 @@ def test_model_scope_streamed_equals_dense_flattened_reference(case, selection, 
     base, models = tiny_zoo
     monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 96)  # every tensor is split into several blocks
     if selection == "radix":  # the bracket may hold nothing: every order statistic falls back to radix select
-        monkeypatch.setattr(stats, "MAX_HELD", 0)
+        monkeypatch.setattr(order_statistics, "MAX_HELD", 0)
     else:  # a sample far smaller than the scope, so the bracket is a real guess
         monkeypatch.setattr(executor, "SCOPE_SAMPLE", 64)
     if selection == "bracket-runs":  # matrices sampled as a large tensor is: from runs of adjacent rows
@@ -129,13 +129,13 @@ def test_tensor_scope_differs_from_model_scope(tiny_zoo, tmp_path):
 def test_in_memory_selection_equals_kthvalue(monkeypatch, miss):
     """Rows long enough for the sampled bracket, full of ties (bf16 values), with ranks near both ends."""
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(3, stats.SMALL_BLOCK * 2 + 17, generator=generator).to(torch.bfloat16).float()
+    x = torch.randn(3, order_statistics.SMALL_BLOCK * 2 + 17, generator=generator).to(torch.bfloat16).float()
     x[1] = x[1].abs()
     ranks = [0, int(0.8 * x.shape[1]), x.shape[1] - 1]
     if miss:  # bounds that exclude every rank: the fallback must still be exact
-        monkeypatch.setattr(stats, "bracket_bounds", lambda sample, ranks, numel: (torch.full((3,), 10.0), torch.full((3,), 11.0)))
+        monkeypatch.setattr(order_statistics, "bracket_bounds", lambda sample, ranks, numel: (torch.full((3,), 10.0), torch.full((3,), 11.0)))
     expected = torch.stack([torch.kthvalue(x[i], k + 1).values for i, k in enumerate(ranks)])
-    assert torch.equal(stats.select_in_memory(x, ranks), expected)
+    assert torch.equal(order_statistics.select_in_memory(x, ranks), expected)
 
 
 @pytest.mark.parametrize("shape,want", [((32000, 512), 1 << 18), ((7, 5), 20), ((100, 3), 1000), ((5, 4), 3)])

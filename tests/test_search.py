@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pcbcore.components import layer_group
 from pcbcore.errors import MergeInputError
-from pipeline.candidates import candidate_weights, layer_group
 from pipeline.search_config import parse_search_config
 from pipeline.search_state import CandidateScore, SearchState, ask_population, new_search_state, tell_population
 
@@ -231,8 +231,8 @@ def test_layer_groups_split_the_layers_and_build_per_block(tiny_zoo, tmp_path):
     """Genome rows apply to their blocks: with G=2, a row of zeros gives the base in that block only."""
     import torch
 
+    from pcbcore.components import StoredComponents, compute_components
     from pcbcore.config import parse_merge_config
-    from pcbcore.executor import StoredComponents, compute_components
 
     assert [layer_group(f"model.layers.{i}.mlp.up_proj.weight", 4, 2) for i in range(4)] == [0, 0, 1, 1]
     assert layer_group("model.embed_tokens.weight", 4, 2) == 0 and layer_group("model.norm.weight", 4, 2) == 1
@@ -241,8 +241,8 @@ def test_layer_groups_split_the_layers_and_build_per_block(tiny_zoo, tmp_path):
     folder = compute_components(parse_merge_config(data), tmp_path / "components", device="cpu")
     stored = StoredComponents(folder, device="cpu")
     n = stored.n_models
-    assert torch.equal(candidate_weights(stored, [1.0] * n, 1)["model.norm.weight"], stored.state_dict([1.0] * n)["model.norm.weight"])
-    grouped = candidate_weights(stored, [0.0] * n + [1.0] * n, 2)
+    assert torch.equal(stored.state_dict([1.0] * n, groups=1)["model.norm.weight"], stored.state_dict([1.0] * n)["model.norm.weight"])
+    grouped = stored.state_dict([0.0] * n + [1.0] * n, groups=2)
     ones, zeros = stored.state_dict([1.0] * n), stored.state_dict([0.0] * n)
     for name in grouped:
         if name not in stored.components:

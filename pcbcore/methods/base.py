@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pcbcore.stats import Block, Stage, Stats
+from pcbcore.stages import Block, Stage, Stats
 
 Scope = Literal["tensor", "model"]
 # A kept fraction (density, PCB's ratio r): 0 < x ≤ 1.

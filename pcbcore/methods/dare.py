@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import Field
 
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, scale_rows_, weights_of
 from pcbcore.methods.task_arithmetic import task_arithmetic_scales
-from pcbcore.methods.ties import disjoint_components, sign_majority_stage
-from pcbcore.stats import Block, Stage, Stats, row_spans
+from pcbcore.methods.ties import MajoritySign, disjoint_components, sign_majority_stage
+from pcbcore.stages import Block, Stage, Stats, row_spans
 
 # Entries per mask chunk (rounded to whole rows): part of the masks' definition.
 DARE_CHUNK_ENTRIES = 1 << 20
@@ -34,6 +35,13 @@ class DareParams(MergekitMemoryOption):
     normalize: bool = Field(False, description="divide by the (agreeing) sum of weights")
     rescale: bool = Field(True, description="rescale survivors by 1/density")
     seed: int = Field(0, description="seed of the drop masks")
+
+
+@dataclass
+class KeptMasks:
+    """The keep masks drawn in the sign pass, per block index, for the components step to take."""
+
+    by_block: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
 
 
 def chunk_generator(seed: int, model_index: int, name: str, chunk: int) -> torch.Generator:
@@ -84,7 +92,7 @@ def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
     # several blocks takes a pass for it; the masks drawn there are kept for the components step, which
     # would otherwise draw them again (most of DARE's cost on a CPU).
     def weighted_dropped_keeping_masks(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        keep = stats[f"dare/keep/{block.index}"] = keep_masks(params, model_params, block, task_vectors.device)
+        keep = stats.setdefault(KeptMasks).by_block[block.index] = keep_masks(params, model_params, block, task_vectors.device)
         return _weighted_dropped(task_vectors, params, model_params, block, keep)
 
     return [sign_majority_stage(weighted_dropped_keeping_masks)]
@@ -95,8 +103,10 @@ def _weighted_dropped(task_vectors: torch.Tensor, params: DareParams, model_para
 
 
 def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareParams, model_params: list, block: Block) -> torch.Tensor:
-    weighted = _weighted_dropped(task_vectors, params, model_params, block, stats.pop(f"dare/keep/{block.index}", None))
-    return disjoint_components(weighted, weights_of(model_params), stats["majority"], params.normalize)
+    kept = stats.find(KeptMasks)
+    keep = kept.by_block.pop(block.index, None) if kept is not None else None
+    weighted = _weighted_dropped(task_vectors, params, model_params, block, keep)
+    return disjoint_components(weighted, weights_of(model_params), stats.get(MajoritySign).sign, params.normalize)
 
 
 DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components)

@@ -13,7 +13,7 @@ parameter into one vector of length D; `scope: tensor` balances each tensor on i
   task whose squared entries are spread evenly gets a larger denominator than a peaked one. They are
   computed exactly while streaming: pass 1 takes the min and max of every τ_i ⊙ τ_j (i ≤ j: the
   products are symmetric), pass 2 the sums of exponentials, pass 3 the drop threshold (a sampled bracket,
-  `pcbcore.stats`; two radix passes more in the rare case it misses), pass 4 the components. Softmax is
+  `pcbcore.selection`; two radix passes more in the rare case it misses), pass 4 the components. Softmax is
   shift-invariant, so exponentials are taken of (x − max), which keeps e^{n·Norm} finite for any n.
 
 `variant: release` — what the authors' released pcb-merging.py computes:
@@ -28,13 +28,16 @@ parameter into one vector of length D; `scope: tensor` balances each tensor on i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from pcbcore.kernels import apply_map_, norm_map, sum_rows
 from pcbcore.methods.base import Fraction, FrozenModel, MergeMethod, ModelParams, Scope
-from pcbcore.stats import Block, Stage, Stats, apply_map_, kth_smallest_stages, norm_map, sum_rows
+from pcbcore.selection import KthSmallest, OrderStatistic
+from pcbcore.stages import Block, Stage, Stats
 
 
 class PcbParams(FrozenModel):
@@ -47,11 +50,36 @@ class PcbParams(FrozenModel):
 # ---------------------------------------------------------------- paper variant
 
 
+@dataclass
+class ProductNorms:
+    """The Norm maps of the softmax numerators, from the scope's extremes of every τ_i ⊙ τ_j: per pair i ≤ j
+    (β_inter), then per i (β_intra, gain n), the (offset, factor) of f·(x − max) (`norm_map(top=True)`)."""
+
+    offsets: list[float]
+    factors: list[float]
+
+
+@dataclass
+class SoftmaxNormalisers:
+    """1/Z per softmax over the scope, in the order of `ProductNorms`: per pair i ≤ j, then per i."""
+
+    inverse: list[float]
+
+
+@dataclass
+class BalanceCut:
+    """Per task, the value of β_i at rank ⌊(1−r)D⌋ over the scope: the smallest β_i kept."""
+
+    cut: torch.Tensor  # (n,) float32
+    # β of the block (n, m) when it is the whole scope, for the components step to take (used once, in place).
+    balance: torch.Tensor | None = None
+
+
 def _drop_rank(params: PcbParams):
     def ranks(stats: Stats) -> torch.Tensor:
-        numel = int(stats["numel"])
+        numel = stats.scope.numel
         rank = min(int((1.0 - params.ratio) * numel), numel - 1)
-        return torch.full((int(stats["n_models"]),), rank, dtype=torch.int64)
+        return torch.full((stats.scope.n_models,), rank, dtype=torch.int64)
 
     return ranks
 
@@ -72,9 +100,10 @@ def softmax_numerators(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor
     """
     n, m = task_vectors.shape
     wanted = pairs(n) + [(i, i) for i in range(n)]
+    norms = stats.get(ProductNorms)
     out = torch.empty((len(wanted), m), dtype=task_vectors.dtype, device=task_vectors.device)
     for p, (i, j) in enumerate(wanted):
-        offset, factor = stats["exp_offsets"][p], stats["exp_factors"][p]
+        offset, factor = norms.offsets[p], norms.factors[p]
         constant = torch.tensor(-offset * factor, dtype=task_vectors.dtype, device=task_vectors.device)
         torch.addcmul(constant, task_vectors[i], task_vectors[j], value=factor, out=out[p])
     return out.exp_()
@@ -87,7 +116,7 @@ def paper_balance(task_vectors: torch.Tensor, stats: Stats, numerators: torch.Te
     if numerators is None:
         numerators = softmax_numerators(task_vectors, stats)
     index = {pair: p for p, pair in enumerate(pairs(n))}
-    inverse = stats["softmax_inv"]
+    inverse = stats.get(SoftmaxNormalisers).inverse
     balance = torch.empty_like(task_vectors)
     for i in range(n):
         row, intra = balance[i], len(index) + i
@@ -111,39 +140,43 @@ def _paper_stages(params: PcbParams, model_params: list) -> list[Stage]:
             found[0, p], found[1, p] = torch.aminmax(torch.mul(task_vectors[i], task_vectors[j], out=product))
         return found
 
-    def norm_maps(stats: Stats) -> None:
-        n = int(stats["n_models"])
-        lo, hi = stats.pop("pair_extremes")
+    def norm_maps(stats: Stats, pair_extremes: torch.Tensor) -> None:
+        n = stats.scope.n_models
+        lo, hi = pair_extremes
         diagonal = [p for p, (i, j) in enumerate(pairs(n)) if i == j]
         inter_offsets, inter_factors = norm_map(lo, hi, top=True)
         intra_offsets, intra_factors = norm_map(lo[diagonal], hi[diagonal], top=True, gain=float(n))
-        stats["exp_offsets"], stats["exp_factors"] = inter_offsets + intra_offsets, inter_factors + intra_factors
+        stats.put(ProductNorms(inter_offsets + intra_offsets, inter_factors + intra_factors))
 
     def normalisers(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
         return softmax_numerators(task_vectors, stats).sum(dim=-1).double()  # float32 sums per block are cascaded
 
-    def inverses(stats: Stats) -> None:
-        stats["softmax_inv"] = (1.0 / stats.pop("softmax_z")).tolist()
+    def inverses(stats: Stats, softmax_z: torch.Tensor) -> None:
+        stats.put(SoftmaxNormalisers((1.0 / softmax_z).tolist()))
 
     def balance_of_the_block(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
         # The block is the scope: its numerators give the normalisers and then β at once (kept for the drop).
         numerators = softmax_numerators(task_vectors, stats)
-        stats["softmax_z"] = numerators.sum(dim=-1).double()
-        inverses(stats)
-        stats["drop/values"] = paper_balance(task_vectors, stats, numerators)
+        inverses(stats, numerators.sum(dim=-1).double())
+        drop.block_values = paper_balance(task_vectors, stats, numerators)
 
+    def found(stats: Stats, cut: OrderStatistic) -> None:
+        stats.put(BalanceCut(cut.value, cut.values))
+
+    drop = KthSmallest(lambda task_vectors, stats, block: paper_balance(task_vectors, stats), _drop_rank(params), found)
     return [
-        Stage({"pair_extremes": ("minmax", extremes)}, norm_maps),
-        Stage({"softmax_z": ("sum", normalisers)}, inverses, whole=balance_of_the_block, replaces=frozenset({"softmax_z"})),
-        *kth_smallest_stages("drop", lambda task_vectors, stats, block: paper_balance(task_vectors, stats), _drop_rank(params)),
+        Stage(extremes, norm_maps, op="minmax"),
+        Stage(normalisers, inverses, whole=balance_of_the_block),
+        *drop.stages(),
     ]
 
 
 def _paper_components(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    balance = stats.pop("drop/values", None)  # this block's β, kept by the selection when the block is the scope
+    found = stats.get(BalanceCut)
+    balance, found.balance = found.balance, None  # this block's β, kept by the selection when the block is the scope
     if balance is None:
         balance = paper_balance(task_vectors, stats)
-    kept = balance.mul_(balance >= stats["drop"].to(balance.device).unsqueeze(-1))  # β̂ = m ⊙ β (β > 0)
+    kept = balance.mul_(balance >= found.cut.to(balance.device).unsqueeze(-1))  # β̂ = m ⊙ β (β > 0)
     total = sum_rows(kept)
     total.masked_fill_(total == 0, 1.0)  # where every β̂ is 0 the components are 0 anyway
     return kept.mul_(task_vectors).div_(total)
@@ -152,16 +185,36 @@ def _paper_components(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
 # ---------------------------------------------------------------- release variant
 
 
+@dataclass
+class ClipBounds:
+    """Per task, the values of |τ_i| at ranks ⌊aD⌋ and ⌊(1−a)D⌋−1 over the scope, and the Norm map between."""
+
+    lo: torch.Tensor  # (n,) float32
+    hi: torch.Tensor  # (n,) float32
+    norm: tuple[list[float], list[float]]  # (offsets, factors) of Norm(|c_i|), from lo to hi
+
+
+@dataclass
+class ScoreScale:
+    """Per task, the score at rank ⌊(1−r)D⌋ (the floor) and the Norm map from it to the top score."""
+
+    floor: torch.Tensor  # (n,) float32
+    norm: tuple[list[float], list[float]]
+    # The block's scores (n, m) when it is the whole scope, for the components step to take (used once).
+    scores: torch.Tensor | None = None
+
+
 def clip_magnitudes(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     """|c_i|: |τ_i| clipped to its [rank ⌊aD⌋, rank ⌊(1−a)D⌋−1] values."""
-    lo = stats["clip_lo"].to(task_vectors.device).unsqueeze(-1)
-    hi = stats["clip_hi"].to(task_vectors.device).unsqueeze(-1)
+    clip = stats.get(ClipBounds)
+    lo = clip.lo.to(task_vectors.device).unsqueeze(-1)
+    hi = clip.hi.to(task_vectors.device).unsqueeze(-1)
     return task_vectors.abs().clamp_(lo, hi)
 
 
 def release_scores(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     n = task_vectors.shape[0]
-    norm = apply_map_(clip_magnitudes(task_vectors, stats), *stats["clip_norm"])  # Norm(|c_i|)
+    norm = apply_map_(clip_magnitudes(task_vectors, stats), *stats.get(ClipBounds).norm)  # Norm(|c_i|)
     intra = torch.addcmul(torch.tensor(-float(n), dtype=norm.dtype, device=norm.device), norm, norm, value=float(n)).exp_()
     inter = torch.mul(task_vectors, sum_rows(task_vectors)).tanh_()
     return intra.mul_(inter)
@@ -171,34 +224,34 @@ def _release_stages(params: PcbParams, model_params: list) -> list[Stage]:
     a = params.clip_quantile
 
     def clip_ranks(stats: Stats) -> torch.Tensor:
-        numel, n = int(stats["numel"]), int(stats["n_models"])
+        numel, n = stats.scope.numel, stats.scope.n_models
         lo = min(int(a * numel), numel - 1)
         hi = min(max(int((1.0 - a) * numel) - 1, lo), numel - 1)
         return torch.tensor([lo] * n + [hi] * n, dtype=torch.int64)
 
-    def split_clip(stats: Stats) -> None:
-        both = stats.pop("clip")
-        n = both.shape[0] // 2
-        stats["clip_lo"], stats["clip_hi"] = both[:n], both[n:]
-        stats["clip_norm"] = norm_map(stats["clip_lo"], stats["clip_hi"])
+    def split_clip(stats: Stats, both: OrderStatistic) -> None:
+        n = both.value.shape[0] // 2
+        lo, hi = both.value[:n], both.value[n:]
+        stats.put(ClipBounds(lo, hi, norm_map(lo, hi)))
 
     def scores(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
         return release_scores(task_vectors, stats)
 
-    def scale_map(stats: Stats) -> None:
-        stats["scale_norm"] = norm_map(stats["drop"], stats["drop/max"])
+    def scale_map(stats: Stats, drop: OrderStatistic) -> None:
+        stats.put(ScoreScale(drop.value, norm_map(drop.value, drop.max), drop.values))
 
-    clip_stages = kth_smallest_stages("clip", lambda task_vectors, stats, block: task_vectors.abs().repeat(2, 1), clip_ranks, then=split_clip)
-    stats_of_scores = kth_smallest_stages("drop", scores, _drop_rank(params), then=scale_map, with_max=True)
-    return [*clip_stages, *stats_of_scores]
+    clip = KthSmallest(lambda task_vectors, stats, block: task_vectors.abs().repeat(2, 1), clip_ranks, split_clip)
+    drop = KthSmallest(scores, _drop_rank(params), scale_map, with_max=True)
+    return [*clip.stages(), *drop.stages()]
 
 
 def _release_components(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    scores = stats.pop("drop/values", None)
+    scale_of = stats.get(ScoreScale)
+    scores, scale_of.scores = scale_of.scores, None
     if scores is None:
         scores = release_scores(task_vectors, stats)
     # scale_i = Norm(max(score_i, its drop value)): 0 at and under the threshold, 1 at the top score
-    scale = apply_map_(torch.maximum(scores, stats["drop"].to(scores.device).unsqueeze(-1)), *stats["scale_norm"])  # exactly 0 at the floor
+    scale = apply_map_(torch.maximum(scores, scale_of.floor.to(scores.device).unsqueeze(-1)), *scale_of.norm)  # exactly 0 at the floor
     clipped = clip_magnitudes(task_vectors, stats).mul_(torch.sign(task_vectors))
     return clipped.mul_(scale).div_(sum_rows(scale).clamp_(min=1e-12))
 

@@ -15,11 +15,15 @@ Components: C_i = w_i·trimmed τ_i·[agrees] / Σ_j w_j·[agrees_j].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field, model_validator
 
+from pcbcore.kernels import sign_balance, sum_rows
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, scale_rows_, weights_of
-from pcbcore.stats import Block, ReduceFn, Stage, Stats, kth_smallest_stages, sign_balance, sum_rows
+from pcbcore.selection import KthSmallest, OrderStatistic
+from pcbcore.stages import Block, ReduceFn, Stage, Stats
 
 
 class TiesParams(MergekitMemoryOption):
@@ -34,59 +38,84 @@ class TiesParams(MergekitMemoryOption):
         return self
 
 
+@dataclass
+class TrimCut:
+    """Per task, the smallest |τ_i| that top-k keeps at the model's density over the scope."""
+
+    cut: torch.Tensor  # (n,) float32
+    keep_none: torch.Tensor  # (n,) bool: the task keeps no entry (its density rounds to 0 entries)
+    # |τ| of the block (n, m) when it is the whole scope, computed by the selection; the components step
+    # takes it (and zeroes it in place), so it is used once.
+    magnitudes: torch.Tensor | None = None
+
+
+@dataclass
+class MajoritySign:
+    """The sign of the sum of all elected signs over the scope: TIES's tie break where Σ_i w_i·τ_i = 0."""
+
+    sign: float | None  # ±1.0; None when the scope is one block: the components step takes it from the block
+
+
+def _kept_counts(stats: Stats, model_params: list) -> torch.Tensor:
+    numel = stats.scope.numel
+    return torch.tensor([int(m.density * numel) for m in model_params], dtype=torch.int64)
+
+
 def topk_threshold_stages(model_params: list) -> list[Stage]:
-    """Stages leaving `stats['trim']`: per task, the smallest |τ_i| kept by top-k at each model's density."""
+    """Stages leaving a `TrimCut`: per task, the smallest |τ_i| kept by top-k at each model's density."""
 
     def ranks(stats: Stats) -> torch.Tensor:
-        numel = int(stats["numel"])
-        kept = torch.tensor([int(m.density * numel) for m in model_params], dtype=torch.int64)
-        stats["keep_none"] = kept == 0
-        return (numel - kept).clamp(0, max(numel - 1, 0))
+        numel = stats.scope.numel
+        return (numel - _kept_counts(stats, model_params)).clamp(0, max(numel - 1, 0))
 
-    return kth_smallest_stages("trim", lambda task_vectors, stats, block: task_vectors.abs(), ranks)
+    def found(stats: Stats, cut: OrderStatistic) -> None:
+        stats.put(TrimCut(cut.value, _kept_counts(stats, model_params) == 0, cut.values))
+
+    return KthSmallest(lambda task_vectors, stats, block: task_vectors.abs(), ranks, found).stages()
 
 
 def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
     """A new tensor: τ with every entry under its task's cut zeroed (all of them where a task keeps none)."""
-    magnitude = stats.pop("trim/values", None)  # |τ|, kept by the selection when this block is the scope
+    trim = stats.get(TrimCut)
+    magnitude, trim.magnitudes = trim.magnitudes, None  # |τ|, kept by the selection when this block is the scope
     if magnitude is None:
         magnitude = task_vectors.abs()
-    cut = stats["trim"].to(task_vectors.device).unsqueeze(-1)
-    cut = torch.where(stats["keep_none"].to(task_vectors.device).unsqueeze(-1), torch.inf, cut)
+    cut = trim.cut.to(task_vectors.device).unsqueeze(-1)
+    cut = torch.where(trim.keep_none.to(task_vectors.device).unsqueeze(-1), torch.inf, cut)
     return magnitude.ge_(cut).mul_(task_vectors)  # in place on |τ| (ours): 1.0 where kept, then τ there
 
 
 def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
-    """A stage leaving `stats['majority']`: the sign of the sum of all elected signs over the scope.
+    """A stage leaving a `MajoritySign`: the sign of the sum of all elected signs over the scope.
 
     When the scope is a single block, the components step computes it from that block instead
-    (`majority` is None), which saves a whole pass over every tensor that fits in one block.
+    (`sign` is None), which saves a whole pass over every tensor that fits in one block.
     """
 
     def count(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
         return sign_balance(sum_rows(weighted_sparse(task_vectors, stats, block)))
 
-    def finish(stats: Stats) -> None:
-        stats["majority"] = torch.where(stats.pop("sign_total") < 0, -1.0, 1.0)
+    def finish(stats: Stats, sign_total: torch.Tensor) -> None:
+        stats.put(MajoritySign(-1.0 if sign_total < 0 else 1.0))
 
     def from_the_block(task_vectors: torch.Tensor, stats: Stats, block: Block) -> None:
-        stats["majority"] = None
+        stats.put(MajoritySign(None))
 
-    return Stage({"sign_total": ("sum", count)}, finish, whole=from_the_block, replaces=frozenset({"sign_total"}))
+    return Stage(count, finish, whole=from_the_block)
 
 
-def elect_sign(weighted: torch.Tensor, majority: torch.Tensor | None) -> torch.Tensor:
+def elect_sign(weighted: torch.Tensor, majority: float | None) -> torch.Tensor:
     """Per entry, the sign of the sum over tasks (±1.0); the scope's majority sign where that sum is 0.
 
     sign(sign(total) ± ½) in float ops only: ~10× faster on CPU than a `torch.where` on a comparison.
     """
     total = sum_rows(weighted)
     if majority is None:  # this block is the whole scope
-        majority = torch.tensor(-1.0 if sign_balance(total) < 0 else 1.0)
-    return torch.sign(total).add_(0.5 if float(majority) > 0 else -0.5).sign_()
+        majority = -1.0 if sign_balance(total) < 0 else 1.0
+    return torch.sign(total).add_(0.5 if majority > 0 else -0.5).sign_()
 
 
-def disjoint_components(weighted: torch.Tensor, weights: list[float], majority: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+def disjoint_components(weighted: torch.Tensor, weights: list[float], majority: float | None, normalize: bool) -> torch.Tensor:
     """w_i·sparse τ_i kept where its sign agrees with the elected one, over the weighted agreeing count.
 
     Works in place on `weighted`, which the caller hands over. Float ops only (comparisons and bool masks
@@ -118,7 +147,7 @@ def ties_stages(params: TiesParams, model_params: list) -> list[Stage]:
 
 def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams, model_params: list, block: Block) -> torch.Tensor:
     weights = weights_of(model_params)
-    return disjoint_components(scale_rows_(trim_topk(task_vectors, stats), weights), weights, stats["majority"], params.normalize)
+    return disjoint_components(scale_rows_(trim_topk(task_vectors, stats), weights), weights, stats.get(MajoritySign).sign, params.normalize)
 
 
 METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages)

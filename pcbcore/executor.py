@@ -56,11 +56,12 @@ SMALL_TENSOR = 1 << 20
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-def blocks_of(info: TensorInfo) -> list[Block]:
-    """A tensor as one block when it holds at most BLOCK_ELEMENTS entries, else as blocks of whole rows of at
-    most STREAM_BLOCK_ELEMENTS entries each (both read at call time, so tests can shrink them)."""
+def blocks_of(info: TensorInfo, whole: bool = False) -> list[Block]:
+    """A tensor as one block when it holds at most BLOCK_ELEMENTS entries (or when the method needs it `whole`),
+    else as blocks of whole rows of at most STREAM_BLOCK_ELEMENTS entries each (both read at call time, so
+    tests can shrink them)."""
     shape = tuple(info.shape)
-    if len(shape) == 0 or info.numel <= BLOCK_ELEMENTS:
+    if len(shape) == 0 or whole or info.numel <= BLOCK_ELEMENTS:
         return [Block(info.name, 0, shape)]
     spans = row_spans(shape, min(BLOCK_ELEMENTS, STREAM_BLOCK_ELEMENTS))
     return [Block(info.name, k, shape, span) for k, span in enumerate(spans)]
@@ -158,7 +159,7 @@ def sample_runs(info: TensorInfo, want: int, generator: torch.Generator) -> list
 def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoader, progress: Progress | None = None) -> Stats:
     """Run the method's stages over `scope`, one pass per stage, and return the finished statistics."""
     stages = config.method.stages(config.params, list(config.model_params))
-    single = len(scope) == 1 and len(blocks_of(scope[0])) == 1
+    single = len(scope) == 1 and len(blocks_of(scope[0], config.method.whole_tensor)) == 1
     sample = loader.sample(scope, SCOPE_SAMPLE) if not single and any(stage.start is not None for stage in stages) else None
     stats = Stats(ScopeFacts(sum(t.numel for t in scope), len(config.models), sample))
     planned, run = sum(stage.needed is None for stage in stages) + 1, 0
@@ -171,7 +172,7 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
             stage.start(stats)
         total = None
         for done, info in enumerate(scope, 1):
-            for block in blocks_of(info):
+            for block in blocks_of(info, config.method.whole_tensor):
                 _, task_vectors = loader.load(block)
                 if not shortcut:
                     total = combine_partial(stage.op, total, stage.reduce(task_vectors, stats, block))
@@ -197,7 +198,7 @@ def stream_components(
     stats = compute_stats(config, inputs.merged, loader, progress) if model_scope else None
     for k, info in enumerate(inputs.merged):
         tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
-        for block in blocks_of(info):
+        for block in blocks_of(info, method.whole_tensor):
             base, task_vectors = loader.load(block)
             yield info, block.rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
         bound_resident_memory()
@@ -221,7 +222,7 @@ def merged_blocks(
     coefficients = lambdas * torch.tensor(config.method.scales(config.params, list(config.model_params)), dtype=torch.float32)
     merged = loader.inputs.merged
     for k, info in enumerate(merged):
-        for block in blocks_of(info):
+        for block in blocks_of(info, config.method.whole_tensor):
             base, task_vectors = loader.load(block)
             yield info, block.rows, combine(base, task_vectors, coefficients)
         if progress:

@@ -162,3 +162,31 @@ def test_state_dicts_are_checked_as_folders_are():
     ]:
         with pytest.raises(MergeInputError, match=re.escape(message)):
             merge("task_arithmetic", [TASKS[0], model])
+
+
+def test_a_whole_tensor_method_sees_each_tensor_in_one_block(monkeypatch):
+    """Methods that need a tensor whole (a matrix's SVD) get it as one block even where the engine would
+    stream it in row blocks; the others keep streaming."""
+    from dataclasses import replace
+
+    from pcbcore import executor
+    from pcbcore.config import parse_merge_config
+    from pcbcore.methods import METHODS
+
+    seen: list = []
+
+    def components(task_vectors, stats, params, model_params, block):
+        seen.append((block.name, block.rows, task_vectors.shape[-1]))
+        return task_vectors.clone()
+
+    monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 8)  # a 6×4 tensor streams in row blocks
+    base = {"w": torch.zeros(6, 4)}
+    models = [{"w": torch.full((6, 4), float(i + 1))} for i in range(2)]
+    config = parse_merge_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]})
+    for whole, expected in [(True, [("w", None, 24)]), (False, [("w", (0, 2), 8), ("w", (2, 4), 8), ("w", (4, 6), 8)])]:
+        method = replace(METHODS["task_arithmetic"], components=components, scales=None, whole_tensor=whole)
+        monkeypatch.setattr(type(config), "method", property(lambda self, method=method: method))
+        seen.clear()
+        merged = merge_state_dicts(config, base, models)
+        assert seen == expected
+        assert torch.equal(merged["w"], torch.full((6, 4), 3.0))

@@ -72,6 +72,9 @@ class MergeMethod:
     base_may_be_a_model: bool = False
     # When set, a merge folds s_i into λ_i and combines the task vectors directly (no components built).
     scales: ScalesFn | None = None
+    # Components that need each tensor whole (a matrix's SVD, a norm over the tensor) get it as one block
+    # however large it is: memory is then bounded by one tensor per model instead of one block.
+    whole_tensor: bool = False
 
     def scope(self, params: FrozenModel) -> Scope:
         return getattr(params, "scope", "tensor")

@@ -24,7 +24,7 @@ from pipeline.settings import load_settings
 from tasks.evaluate import evaluate_checkpoint
 from tasks.fetch import fetch_checkpoint
 from tasks.merge import merge_checkpoint
-from tasks.track import finish_tracking, log_lineage, register_model, start_tracking, track_results
+from tasks.track import finish_tracking, log_lineage, reap_dead_runs, register_model, start_tracking, track_results
 from tasks.validate import validate_checkpoints
 
 
@@ -46,6 +46,7 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
     settings = load_settings()
     cache_dir, device = str(settings.cache_dir), config.device if config.device != "auto" else settings.device
     merge = config.merge_config()
+    reap_dead_runs(config.experiment)  # runs a killed process left RUNNING: KILLED, their flow runs Crashed
     run_id = start_tracking(config.experiment, config.name or config.register_as or merge.method_name, tracked_params(config), prefect_tags("merge-flow"))
     status = "FAILED"
     try:

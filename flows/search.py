@@ -47,6 +47,7 @@ from tasks.search import evaluate_candidate, load_search_state, save_search_stat
 from tasks.track import (
     finish_tracking,
     log_lineage,
+    reap_dead_runs,
     register_model,
     reopen_tracking,
     start_tracking,
@@ -111,6 +112,7 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
     arms = [(ratio, with_ratio(config, ratio)) for ratio in config.ratios()]
     saved = {ratio: load_search_state(search_key(config, ratio, components_folder(arm, inputs, cache_dir)[0])) for ratio, arm in arms} if resume else {}
     resumed_run = next((state.run_id for state in saved.values() if state is not None), None)
+    reap_dead_runs(config.experiment)  # runs a killed process left RUNNING (a resumed one is reopened next)
     if resumed_run:
         run_id = resumed_run
         reopen_tracking(run_id)

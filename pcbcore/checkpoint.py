@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pcbcore.errors import MergeInputError
+from pcbcore.scratch import owned_folder, owned_path, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -334,17 +334,19 @@ def atomic_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     """Yield a temporary folder beside `target`; rename it into place only if the block completes.
 
     On any error (bad input found mid-stream, a full disk, Ctrl-C) the temporary folder is removed and an
-    existing target is left untouched.
+    existing target is left untouched. The folder is named by this process (`pcbcore.scratch`), and the
+    leftovers of earlier writers of the same target that were killed are removed first.
     """
     target = Path(target).resolve()
     check_output_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_leftovers(target.parent, target.name)
+    tmp = owned_folder(target.parent, target.name)
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = owned_path(target.parent, target.name, "old")
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)

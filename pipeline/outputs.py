@@ -24,6 +24,7 @@ from pipeline.cache_keys import digest, merge_recipe
 from pipeline.candidates import build_candidate
 from pipeline.config import PipelineConfig
 from pipeline.fingerprints import fingerprint_folder
+from pipeline.locks import exclusive
 from pipeline.references import FetchedCheckpoint
 
 CONFIG_FILE = "pcbmerge_config.yml"
@@ -75,14 +76,16 @@ def write_merge(
     merge = config.merge_config().with_paths(lambda ref: inputs[ref].folder)
     key, folder = output_folder(config, inputs, cache_dir)
     started = time.perf_counter()
-    reused = finished_merge(folder, key)
-    if reused:
-        logger.info("reusing the finished merge in %s", folder)
-    else:
-        ours = not config.output  # a key-named cache folder without the key is a stale leftover: replace it
-        text = KEY_LINE + key + "\n" + yaml.safe_dump(config.merge_data(), sort_keys=False)
-        report = merge_to_folder(merge, folder, device=device, overwrite=config.overwrite or ours, progress=ProgressLog(logger), config_text=text)
-        logger.info("merged %d tensors with %s in %.1fs on %s", report.tensors_merged, report.method, report.seconds, report.device)
+    # One writer per output folder: a second identical run waits here, then finds the merge finished.
+    with exclusive(f"merge\n{folder}"):
+        reused = finished_merge(folder, key)
+        if reused:
+            logger.info("reusing the finished merge in %s", folder)
+        else:
+            ours = not config.output  # a key-named cache folder without the key is a stale leftover: replace it
+            text = KEY_LINE + key + "\n" + yaml.safe_dump(config.merge_data(), sort_keys=False)
+            report = merge_to_folder(merge, folder, device=device, overwrite=config.overwrite or ours, progress=ProgressLog(logger), config_text=text)
+            logger.info("merged %d tensors with %s in %.1fs on %s", report.tensors_merged, report.method, report.seconds, report.device)
     return MergedCheckpoint(
         folder=str(folder),
         key=key,

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pcbcore.errors import MergeInputError
+from pcbcore.scratch import owned_folder, remove_leftovers
 from pipeline.lineage import LINEAGE_ARTIFACT, lineage_description, lineage_tags
+from pipeline.locks import exclusive
 from pipeline.settings import load_settings
 from pipeline.tracking import MAX_TAG_CHARS, client, experiment_id, log_json
 
@@ -44,6 +46,12 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
     reused). If anything fails after a new version exists, the version is deleted: a failed flow leaves
     no registry version behind.
     """
+    # Two identical runs at once must make one version: the look-up and the creation happen under one lock.
+    with exclusive(f"registry\n{load_settings().tracking_uri}\n{name}"):
+        return _register(run_id, experiment, folder, name, lineage)
+
+
+def _register(run_id: str, experiment: str, folder: str, name: str, lineage: dict[str, Any]) -> dict[str, str]:
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
@@ -52,6 +60,8 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
     matched = version_with_content(name, fingerprint) if fingerprint else None
     if matched is not None:
         uri = f"models:/{name}/{matched}"
+        if not mlflow_client.get_model_version(name, matched).description:  # its run was killed before finishing it
+            mlflow_client.update_model_version(name, matched, description=lineage_description({**lineage, "model": uri}))
         log_json(mlflow_client, run_id, {**lineage, "model": uri}, LINEAGE_ARTIFACT)
         mlflow_client.set_tag(run_id, "pcbmerge.registered_version", uri)
         mlflow_client.set_tag(run_id, "pcbmerge.registered_version_matched", "true")
@@ -64,7 +74,10 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = mlflow_client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id)
+    # The lineage tags (the content fingerprint among them) go on with the version itself, so a version is
+    # never without its fingerprint: a run killed right after this line is matched by its re-run.
+    tags = lineage_tags(lineage)
+    version = mlflow_client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id, tags=tags)
     try:
         node = {**lineage, "model": f"models:/{name}/{version.version}"}
         log_json(mlflow_client, run_id, node, LINEAGE_ARTIFACT)
@@ -135,7 +148,8 @@ def download_registered_model(uri: str, dest_root: Path) -> tuple[str, str, Path
         return name, number, target
     location = client().get_logged_model(model_id).artifact_location
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{number}.", dir=target.parent))
+    remove_leftovers(target.parent, number)  # a download that was killed part-way
+    tmp = owned_folder(target.parent, number)
     try:
         local = Path(download_artifacts(artifact_uri=location, dst_path=str(tmp)))  # tmp/<last part of location>
         (local / ".complete").write_text(model_id + "\n")

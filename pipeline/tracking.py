@@ -9,14 +9,18 @@ call goes through an `MlflowClient` bound to the tracking URI from `pipeline.set
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pcbcore.scratch import owner_alive, owner_tag
 from pipeline import plots, tables
 from pipeline.settings import load_settings
 
 MAX_TAG_CHARS = 5000
+# host:pid-start of the process that opened a run (`pcbcore.scratch.owner_tag`)
+OWNER_TAG = "pcbmerge.owner"
 MAX_PARAM_CHARS = 6000
 
 
@@ -60,6 +64,7 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     from mlflow.entities import Param
 
     mlflow_client = client()
+    tags = {**tags, OWNER_TAG: f"{socket.gethostname()}:{owner_tag()}"}  # lets a later run find this one dead
     run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags={k: v for k, v in tags.items() if v})
     flat = flatten(params)
     batch = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flat.items()]
@@ -70,6 +75,32 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
 
 def finish_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
+
+
+def reap_dead_runs(experiment: str) -> list[dict[str, str]]:
+    """Mark KILLED the RUNNING runs of `experiment` whose owner process (on this host) is gone: a process
+    killed with SIGKILL cannot end its own run. Returns `{"run_id", "flow_run_id"}` of each, so the caller can
+    mark the Prefect flow run that owned it as crashed too. Runs of live processes, of other hosts, or
+    without an owner tag are left alone."""
+    from mlflow.entities import RunTag, ViewType
+
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname()
+    reaped = []
+    for run in mlflow_client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'", run_view_type=ViewType.ACTIVE_ONLY):
+        owner = run.data.tags.get(OWNER_TAG, "")
+        owner_host, _, process = owner.rpartition(":")
+        pid, _, start = process.partition("-")
+        if owner_host != host or not (pid.isdigit() and start.isdigit()) or owner_alive(int(pid), int(start)):
+            continue
+        reason = f"its process ({owner}) ended without closing the run (killed); marked by a later run"
+        mlflow_client.log_batch(run.info.run_id, tags=[RunTag("pcbmerge.killed", reason)])
+        mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+        reaped.append({"run_id": run.info.run_id, "flow_run_id": run.data.tags.get("prefect.flow_run_id", "")})
+    return reaped
 
 
 def log_results(run_id: str, config_yaml: str, scores: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
@@ -124,8 +155,10 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def reopen_run(run_id: str) -> None:
-    """A resumed search goes on logging into the run it started."""
-    client().update_run(run_id, status="RUNNING")
+    """A resumed search goes on logging into the run it started, now owned by this process."""
+    mlflow_client = client()
+    mlflow_client.update_run(run_id, status="RUNNING")
+    mlflow_client.set_tag(run_id, OWNER_TAG, f"{socket.gethostname()}:{owner_tag()}")
 
 
 def log_search_round(run_id: str, record: dict[str, Any], state_blob: bytes, history: dict[str, Any], artifact_path: str) -> None:

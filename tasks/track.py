@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import ObjectNotFound
 
 from pipeline import registry, tracking
 from pipeline.lineage import LINEAGE_ARTIFACT
@@ -73,3 +74,24 @@ def track_search_summary(run_id: str, plot_png: bytes, final: dict[str, Any], ta
 def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
     """Extra tags on a registered version (a searched merge: its search settings and evaluation count)."""
     registry.tag_model_version(name, version, tags)
+
+
+@task(name="track-reap", **_TRACKING)
+def reap_dead_runs(experiment: str) -> list[str]:
+    """Runs left RUNNING by a killed process: their MLflow run is marked KILLED and the Prefect flow run that
+    owned it Crashed (a flow run whose process died keeps its last state, Running, forever otherwise)."""
+    from prefect import get_client, get_run_logger
+    from prefect.states import Crashed
+
+    reaped = tracking.reap_dead_runs(experiment)
+    with get_client(sync_client=True) as prefect_client:
+        for item in reaped:
+            get_run_logger().warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", item["run_id"])
+            if item["flow_run_id"]:
+                try:
+                    flow_run = prefect_client.read_flow_run(item["flow_run_id"])
+                except ObjectNotFound:  # another Prefect server, or a temporary one that ended with the process
+                    continue
+                if flow_run.state is not None and not flow_run.state.is_final():
+                    prefect_client.set_flow_run_state(flow_run.id, Crashed(message="its process was killed; found by a later run"), force=True)
+    return [item["run_id"] for item in reaped]

@@ -26,11 +26,17 @@ def quiet_libraries(verbose: bool = False) -> None:
 
 def prepare_home() -> None:
     """Create the working folder (MLflow's SQLite file and the caches live there)."""
+    from pcbcore.scratch import remove_leftovers
     from pipeline.settings import load_settings
 
     settings = load_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    # Temporary folders that killed runs left in the cache (merges, components, registry downloads): cheap,
+    # a listing of a few folders, and never a live writer's.
+    registry = settings.cache_dir / "registry"
+    for folder in [settings.cache_dir / "merges", settings.cache_dir / "components", *(registry.iterdir() if registry.is_dir() else [])]:
+        remove_leftovers(folder)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,6 @@ import json
 import logging
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -27,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from pcbcore.errors import MergeInputError
+from pcbcore.scratch import owned_folder, remove_leftovers
 from pipeline.evaluation import model_content_hash
 from pipeline.zoo.lm_eval_tasks import write_jsonl, write_task_yamls
 from pipeline.zoo.manifest import MANIFEST, ZooManifest
@@ -86,8 +86,9 @@ def build_zoo(out_dir: str | Path, size: ZooSize = "demo", seed: int = 0, overwr
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise MergeInputError(f"zoo folder {target} exists and is not empty; pass overwrite to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    work.chmod(0o755)  # mkdtemp makes it 0700; a zoo is meant to be shared
+    remove_leftovers(target.parent, target.name)  # an earlier build that was killed
+    work = owned_folder(target.parent, target.name)
+    work.chmod(0o755)  # a zoo is meant to be shared
     try:
         _build_into(work, target, PRESETS[size], size, seed)
         if target.exists():

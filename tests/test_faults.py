@@ -1,0 +1,255 @@
+"""Fault injection: processes killed with SIGKILL at several points, then a plain re-run (or `--resume`).
+
+After every kill and re-run: the same bytes as an uninterrupted run, no temporary folder left beside any
+target, no MLflow run left RUNNING, and one registered version per content. Each scenario runs the real
+`pcbmerge` command in its own process group with its own working folder (MLflow SQLite store, Prefect
+home), and kills the whole group, as the OOM killer or a pre-empted node would. Run alone with
+`pytest -m faults`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.faults
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_PROFILE"}}
+    env.update({"PCBMERGE_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "PCBMERGE_MALLOC_TUNING": "0"})
+    return env
+
+
+def _start(args: list[str], home: Path, log: str) -> subprocess.Popen:
+    """`pcbmerge ARGS` in its own process group; stdout to `<log>.out`, stderr to `<log>.log` under `home`."""
+    home.mkdir(parents=True, exist_ok=True)
+    out, err = (home / f"{log}.out").open("wb"), (home / f"{log}.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "pcbmerge", *args], env=_env(home), stdout=out, stderr=err, start_new_session=True)
+
+
+def _run(args: list[str], home: Path, log: str, timeout: float = 300) -> str:
+    """Run to the end; returns what it printed on stdout."""
+    proc = _start(args, home, log)
+    assert proc.wait(timeout=timeout) == 0, (home / f"{log}.log").read_text()[-3000:]
+    return (home / f"{log}.out").read_text()
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
+    """SIGKILL the process group as soon as `ready()` holds (or fail, naming `what`, if it never does)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the process ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _client(home: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _runs(home: Path, experiment: str = "pcbmerge") -> list:
+    client = _client(home)
+    found = client.get_experiment_by_name(experiment) if (home / "mlflow.db").is_file() else None
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def _versions(home: Path, name: str) -> list[int]:
+    if not (home / "mlflow.db").is_file():
+        return []
+    return sorted(int(v.version) for v in _client(home).search_model_versions(f"name = '{name}'"))
+
+
+def _prefect_state(home: Path, flow_run_id: str) -> str | None:
+    """The state a flow run was left in, read from the Prefect home's own database."""
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        row = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (flow_run_id,)).fetchone()
+    return row[0] if row else None
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# ---------------------------------------------------------------- merge
+
+
+@pytest.fixture(scope="module")
+def big_zoo(tmp_path_factory) -> Path:
+    """A base and three models of one 20M-entry tensor (80 MB each): a merge takes long enough to be killed
+    while it writes."""
+    root = tmp_path_factory.mktemp("bigzoo")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(5000, 4096, generator=gen)
+    for name, tensor in [("base", base)] + [(f"m{i}", base + 0.01 * torch.randn(5000, 4096, generator=gen)) for i in range(3)]:
+        (root / name).mkdir()
+        save_file({"w": tensor.contiguous(), "b": tensor[0, :16].clone()}, str(root / name / "model.safetensors"))
+    config = {"merge_method": "ties", "base_model": str(root / "base"), "models": [{"model": str(root / f"m{i}")} for i in range(3)]}
+    config["parameters"] = {"density": 0.3}
+    (root / "ties.yml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_a_merge_killed_mid_write_leaves_what_its_rerun_removes(big_zoo, tmp_path):
+    target = tmp_path / "out"
+    proc = _start(["merge", str(big_zoo / "ties.yml"), str(target), "--device", "cpu"], tmp_path / "home", "killed")
+    _kill_when(proc, lambda: any(p.name.startswith(".out.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()), "the merge started writing")
+    assert not target.exists() and _leftovers(tmp_path), "a SIGKILL cannot clean up: the temporary folder stays"
+
+    _run(["merge", str(big_zoo / "ties.yml"), str(target), "--device", "cpu"], tmp_path / "home", "rerun")
+    assert _leftovers(tmp_path) == []  # the dead writer's folder went with the re-run
+    _run(["merge", str(big_zoo / "ties.yml"), str(tmp_path / "straight"), "--device", "cpu"], tmp_path / "home", "straight")
+    assert (target / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+def test_a_live_writers_folder_is_never_removed(tmp_path):
+    from pcbcore.scratch import owned_folder, remove_leftovers
+
+    mine = owned_folder(tmp_path, "out")
+    gone = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pcbcore.scratch import owned_folder; from pathlib import Path; import sys; print(owned_folder(Path(sys.argv[1]), 'out'))",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = Path(gone.stdout.strip())
+    assert dead.is_dir() and mine.is_dir()
+    assert remove_leftovers(tmp_path, "other") == []  # another target's folders are not this target's business
+    assert remove_leftovers(tmp_path, "out") == [dead] and mine.is_dir() and not dead.exists()
+
+
+# ---------------------------------------------------------------- run: evaluation, registration, concurrency
+
+
+def _pipeline_config(zoo, path: Path, name: str, lam: float) -> Path:
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo.base),
+        "models": [{"model": str(zoo.experts[t])} for t in zoo.tasks[:2]],
+        "parameters": {"lambda": lam},
+        "evaluation": {"tasks": zoo.tasks[:2], "include_path": str(zoo.task_dir), "limit": 20},
+        "register_as": name,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_runs_killed_in_evaluation_and_after_registration_leave_no_zombie_and_no_second_version(micro_zoo, tmp_path):
+    home = tmp_path / "home"
+    first = _pipeline_config(micro_zoo, tmp_path / "first.yml", "faulty", 0.3)
+
+    # Killed while evaluating: the merge is written, the MLflow run is open, nothing is registered.
+    proc = _start(["run", str(first)], home, "eval-killed")
+    merges = home / "cache" / "merges"
+    _kill_when(proc, lambda: merges.is_dir() and any((m / "model.safetensors").is_file() for m in merges.iterdir()), "the merge was written")
+    (zombie,) = _runs(home)
+    assert zombie.info.status == "RUNNING" and _versions(home, "faulty") == []
+
+    _run(["run", str(first)], home, "eval-rerun")
+    runs = {run.info.run_id: run for run in _runs(home)}
+    assert runs[zombie.info.run_id].info.status == "KILLED" and "pcbmerge.killed" in runs[zombie.info.run_id].data.tags
+    assert sorted(run.info.status for run in runs.values()) == ["FINISHED", "KILLED"]
+    assert _prefect_state(home, zombie.data.tags["prefect.flow_run_id"]) == "CRASHED"
+    assert _versions(home, "faulty") == [1]
+
+    # Killed just after registering another merge: its re-run finds the version by content.
+    second = _pipeline_config(micro_zoo, tmp_path / "second.yml", "faulty", 0.6)
+    proc = _start(["run", str(second)], home, "register-killed")
+    _kill_when(proc, lambda: _versions(home, "faulty") == [1, 2], "version 2 was registered")
+    _run(["run", str(second)], home, "register-rerun")
+    assert _versions(home, "faulty") == [1, 2]
+    assert "RUNNING" not in {run.info.status for run in _runs(home)}
+    assert _leftovers(home) == []
+
+    # Two identical runs at once: one merge, one version.
+    third = _pipeline_config(micro_zoo, tmp_path / "third.yml", "faulty", 0.9)
+    both = [_start(["run", str(third)], home, f"concurrent-{i}") for i in range(2)]
+    assert [proc.wait(timeout=300) for proc in both] == [0, 0], (home / "concurrent-0.log").read_text()[-2000:]
+    assert _versions(home, "faulty") == [1, 2, 3]
+    assert "RUNNING" not in {run.info.status for run in _runs(home)}
+
+
+# ---------------------------------------------------------------- search: killed between rounds, resumed
+
+
+def test_a_search_killed_between_rounds_resumes_to_the_uninterrupted_lambdas(micro_zoo, tmp_path):
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(micro_zoo.base),
+        "models": [{"model": str(micro_zoo.experts[t])} for t in micro_zoo.tasks[:2]],
+        "evaluation": {"tasks": micro_zoo.tasks[:2], "include_path": str(micro_zoo.task_dir), "limit": 8},
+        "search": {"budget": 6, "popsize": 2, "seed": 0, "sigma0": 0.3, "workers": 1},
+        "register_as": "searched-faulty",
+    }
+    config = tmp_path / "search.yml"
+    config.write_text(yaml.safe_dump(data))
+    straight = json.loads(_run(["search", str(config), "--json"], tmp_path / "straight", "straight").strip().splitlines()[-1])
+
+    home = tmp_path / "killed"
+    proc = _start(["search", str(config), "--json"], home, "killed")
+
+    def parents() -> list:
+        return [run for run in _runs(home) if "mlflow.parentRunId" not in run.data.tags]
+
+    def one_round_saved() -> bool:
+        runs = parents()
+        return bool(runs) and bool(_client(home).get_metric_history(runs[0].info.run_id, "best_fitness"))
+
+    _kill_when(proc, one_round_saved, "the first round was saved")
+    assert [run.info.status for run in parents()] == ["RUNNING"]
+    resumed = json.loads(_run(["search", str(config), "--resume", "--json"], home, "resumed").strip().splitlines()[-1])
+    assert resumed["lambdas"] == straight["lambdas"] and resumed["evaluations"] == straight["evaluations"]
+    assert [run.info.status for run in parents()] == ["FINISHED"]
+    assert _versions(home, "searched-faulty") == [1]
+
+
+# ---------------------------------------------------------------- corrupt caches, full disk
+
+
+def test_a_truncated_result_cache_entry_is_recomputed(micro_zoo, tmp_path):
+    from pipeline.evaluation import evaluate_path
+
+    kwargs = {"include_path": micro_zoo.task_dir, "split": "validation", "limit": 4, "device": "cpu", "cache_dir": tmp_path}
+    first = evaluate_path(micro_zoo.base, micro_zoo.tasks[:1], **kwargs)
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text(entry.read_text()[: len(entry.read_text()) // 2])  # a write cut short
+    again = evaluate_path(micro_zoo.base, micro_zoo.tasks[:1], **kwargs)
+    assert again == first and json.loads(entry.read_text())["score"]  # recomputed and rewritten whole
+
+
+def test_a_full_disk_while_storing_components_leaves_nothing(tiny_zoo, tmp_path):
+    base, models = tiny_zoo
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "from pcbcore.config import parse_merge_config; from pcbcore.components import compute_components; "
+        "from pcbcore.errors import MergeInputError\n"
+        "config = parse_merge_config({'merge_method': 'ties', 'base_model': sys.argv[1], 'models': [{'model': m} for m in sys.argv[3:]]})\n"
+        "try:\n    compute_components(config, sys.argv[2], device='cpu')\nexcept MergeInputError as exc:\n    print(exc); sys.exit(2)\n"
+    )
+    out = tmp_path / "components"
+    proc = subprocess.run([sys.executable, "-c", script, str(base), str(out), *map(str, models)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.strip().startswith(f"cannot write output folder '{out}'") and "nothing was left behind" in proc.stdout
+    assert not out.exists() and _leftovers(tmp_path) == []

@@ -10,25 +10,34 @@ defaults of each key:
         parameters: {weight: 1.0, density: 0.5}
       - model: path/to/expert-b
     parameters: {normalize: true, lambda: 1.0, density: 0.7}   # also defaults for per-model keys
-    dtype: bfloat16            # mergekit's working dtype; here the output dtype unless out_dtype is set
+    dtype: bfloat16            # mergekit's working dtype: inputs are converted to it and merged in it
     out_dtype: bfloat16
     tokenizer_source: base     # or a model path
 
+and mergekit's other forms: `slices:` of `sources:` with `layer_range` (`pcbcore.slices`), the base listed
+among `models` (with or without parameters), list-valued gradients and `filter:` conditions
+(`pcbcore.gradients`, resolved per tensor), a `parameters:` that YAML reads as null.
+
 pcbmerge's own keys: PCB's `ratio`, `variant`, `scope`, `clip_quantile`; TIES's `scope`; DARE's `seed`;
 per-model `lambda` (the coefficient λ_i of SPEC eq. 1, default the top-level `lambda`, default 1);
-`allow_pickle`. Every key is checked: a typo is an error that names it and lists what is allowed.
+`compute_dtype` (float32 maths whatever `dtype` says); `allow_pickle`. Every key is checked: a typo is an
+error that names it and lists what is allowed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pcbcore import gradients
 from pcbcore.errors import MergeInputError
+from pcbcore.lines import LinesParams
 from pcbcore.methods import METHODS, MergeMethod
 from pcbcore.methods.base import FrozenModel, ModelParams
 
@@ -43,18 +52,71 @@ DTYPE_NAMES = {
     "float64": torch.float64,
 }
 
+# mergekit's methods built on `GeneralizedTaskArithmeticMerge`: they subtract θ_i − θ_pre in the working dtype.
+ROUNDED_TASK_VECTOR_METHODS = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
+
 # mergekit keys that pcbmerge does not implement: refused with a sentence rather than "unknown key".
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices ('slices') are not supported; list whole models under 'models'",
+    "modules": "per-module merges ('modules') are not supported; use 'models' or 'slices'",
     "tokenizer": "the 'tokenizer' block is not supported; use 'tokenizer_source'",
     "chat_template": "'chat_template' is not supported; the tokenizer source's template is copied",
 }
+
+
+def _none_is_empty(value: Any) -> Any:
+    """mergekit reads `parameters:` with nothing (or only comments) under it, which YAML makes null, as no
+    parameters."""
+    return {} if value is None else value
 
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(description="local folder (or, in the pipeline, a Hub id or models:/ URI)")
     parameters: dict[str, Any] = Field(default_factory=dict, description="per-model parameters, e.g. {lambda: 1.1} or {weight: 2}")
+
+    null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
+
+
+class SliceSource(BaseModel):
+    """One input of a mergekit output slice: a model's layers [start, stop)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str = Field(description="local folder (or, in the pipeline, a Hub id or models:/ URI)")
+    layer_range: tuple[int, int] = Field(description="the model's layers [start, stop) that this slice takes")
+    revision: str | None = Field(default=None, description="accepted and ignored, as mergekit ignores it here (pin a Hub revision with org/name@revision)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="per-model parameters of this source")
+
+    null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers merged from the same number of layers of each source (mergekit's slice)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SliceSource] = Field(min_length=1, description="the models whose layers this slice merges")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="parameters of this slice (above the top-level ones)")
+
+    null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """An input of a slice, normalised: its layer range (None: all of the model's layers), its parameter
+    settings and where it is written in the user's file (`models[2]`, `slices[0].sources[1]`)."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict
+    where: str
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """An output slice, normalised (a `models:` file is one slice over every layer)."""
+
+    sources: tuple[SourceSpec, ...]
+    parameters: dict
+    where: str  # "" for the `models:` form
 
 
 class RawMergeConfig(BaseModel):
@@ -67,12 +129,19 @@ class RawMergeConfig(BaseModel):
         default=None, description="the pre-trained checkpoint: a folder (or, in the pipeline, org/name@rev on the Hub, or models:/NAME/VERSION)"
     )
     models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
+    slices: list[OutputSlice] | None = Field(default=None, description="mergekit's layer slices: output layers taken or merged from layer ranges of the models")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
-    dtype: str | None = Field(default=None, description="dtype to read the inputs in (default: as stored)")
+    dtype: str | None = Field(default=None, description="mergekit's working dtype: inputs are converted to it and merged in it (default: float32 maths)")
+    compute_dtype: str | None = Field(
+        default=None, description="pcbmerge's opt-in: the dtype the maths runs in after the inputs are read in `dtype` (float32: more precise than mergekit)"
+    )
     out_dtype: str | None = Field(default=None, description="dtype of the merged weights (default: the inputs' dtype)")
     tokenizer_source: str | None = Field(default=None, description="where the tokenizer comes from (default: the base)")
     allow_pickle: bool = Field(default=False, description="accept pickle checkpoints (loaded with weights_only=True)")
     name: str | None = Field(default=None, description="a name for the merge")
+    lines: LinesParams | None = Field(default=None, description="LiNeS scaling of the merged task vector: α at the first layer, α+β at the last")
+
+    null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
 
 
 class MergeConfig(BaseModel):
@@ -87,10 +156,52 @@ class MergeConfig(BaseModel):
     model_params: tuple[ModelParams, ...]
     out_dtype: torch.dtype | None
     tokenizer_source: str
+    source: str = "config"  # the file the config came from, for messages
+    # The merge as mergekit plans it: output slices of sources (a `models:` file is one slice).
+    slices: tuple[SliceSpec, ...] = ()
+    # The method needs no base and the file names none (passthrough): θ_pre = 0, so C_i = θ_i.
+    zero_base: bool = False
+    # mergekit's `dtype`: the inputs are converted to it (None: read as stored).
+    working_dtype: torch.dtype | None = None
+    # The dtype the maths rounds to: the working dtype, as in mergekit, unless `compute_dtype` asks for
+    # float32 (None: float32 maths).
+    round_dtype: torch.dtype | None = None
+    # Whether task vectors are rounded to `round_dtype` as mergekit subtracts them (its task-arithmetic family).
+    round_task_vectors: bool = False
+    # Whether some parameter differs between tensors (a gradient or a filter).
+    per_tensor: bool = False
+    # λ_i set by `with_lambdas` (the search), above whatever the file says.
+    lambda_override: tuple[float, ...] | None = None
 
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.method_name]
+
+    def tensor_params(self, slice_index: int, tensor_name: str, t: float, inputs: list[tuple[int | None, str, str]]) -> tuple[FrozenModel, list[ModelParams]]:
+        """The method's parameters for one output tensor, resolved as mergekit resolves them: each key from
+        the first source that gives a value (this model's entry in the slice, the slice's `parameters`, the
+        top-level `parameters`), gradients read at `t`, filters matched against the output tensor's name
+        for shared keys and against each input's tensor name for per-model keys, then the defaults.
+
+        `inputs`: (index into `models` or None for the base listed as a model, model reference, the input's
+        tensor name) per input model of the tensor.
+        """
+        if not self.per_tensor and self.lambda_override is None:
+            by_model = dict(zip(self.models, self.model_params))
+            if all(model in by_model for _, model, _ in inputs):
+                return self.params, [by_model[model] for _, model, _ in inputs]
+        spec, method = self.slices[slice_index], self.method
+        shared = [spec.parameters, self.raw.parameters]
+        where = f"tensor '{tensor_name}'"
+        params = _resolved(self.source, where, method.params, _resolve_keys(_keys_of(method.params), shared, tensor_name, t))
+        model_params = []
+        for index, model, input_name in inputs:
+            sources = [s.parameters for s in spec.sources if s.model == model] + shared
+            values = _resolve_keys(_keys_of(method.model_params), sources, input_name, t)
+            if self.lambda_override is not None and index is not None:
+                values["lambda"] = self.lambda_override[index]
+            model_params.append(_resolved(self.source, f"{where} of model '{model}'", method.model_params, values))
+        return params, model_params
 
     @property
     def lambdas(self) -> list[float]:
@@ -100,15 +211,20 @@ class MergeConfig(BaseModel):
         if len(lambdas) != len(self.models):
             raise MergeInputError(f"{len(lambdas)} coefficients given for {len(self.models)} models")
         params = tuple(m.model_copy(update={"lambda_": float(x)}) for m, x in zip(self.model_params, lambdas))
-        return self.model_copy(update={"model_params": params})
+        return self.model_copy(update={"model_params": params, "lambda_override": tuple(float(x) for x in lambdas)})
 
     def with_paths(self, resolve) -> MergeConfig:
         """The same merge with every model reference replaced by `resolve(ref)` (a local folder)."""
+        slices = tuple(
+            SliceSpec(tuple(SourceSpec(str(resolve(s.model)), s.layer_range, s.parameters, s.where) for s in spec.sources), spec.parameters, spec.where)
+            for spec in self.slices
+        )
         return self.model_copy(
             update={
                 "base_model": str(resolve(self.base_model)),
                 "models": tuple(str(resolve(m)) for m in self.models),
                 "tokenizer_source": str(resolve(self.tokenizer_source)),
+                "slices": slices,
             }
         )
 
@@ -120,6 +236,7 @@ class MergeConfig(BaseModel):
             "parameters": self.params.model_dump(by_alias=True),
             "models": [{"model": m, "parameters": p.model_dump(by_alias=True)} for m, p in zip(self.models, self.model_params)],
             "out_dtype": str(self.out_dtype).removeprefix("torch.") if self.out_dtype else None,
+            **({"lines": self.raw.lines.model_dump()} if self.raw.lines else {}),
         }
 
 
@@ -137,11 +254,15 @@ def error_sentence(source: str, where: str, err: dict) -> str:
     return f"{source}: key '{key}': {msg}{shown}"
 
 
-def _validate(model: type[BaseModel], data: dict, source: str, where: str, allowed: list[str] | None = None):
+def _validate(model: type[BaseModel], data: dict, source: str, where: str, allowed: list[str] | None = None, strip: str | None = None):
+    """`model` validated from `data`; an error is one sentence naming the key under `where` (`strip`: a key
+    already written out in `where`, e.g. a gradient's entry `parameters.density[1]`)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
+        if strip is not None:
+            err = {**err, "loc": tuple(p for p in err.get("loc", ()) if p != strip)}
         sentence = error_sentence(source, where, err)
         if err.get("type") == "extra_forbidden" and allowed is not None:
             sentence += f"; allowed keys are {sorted(allowed)}"
@@ -160,8 +281,54 @@ def _keys_of(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def _resolve_keys(keys: list[str], sources: list[dict | None], tensor_name: str, t: float) -> dict[str, Any]:
+    values = {}
+    for key in keys:
+        found, value = gradients.resolve(key, sources, tensor_name, t)
+        if found:
+            values[key] = value
+    return values
+
+
+def _resolved(source: str, where: str, model: type[BaseModel], values: dict[str, Any]):
+    """`model` validated from the values resolved for one tensor (cached: most tensors share them)."""
+    try:
+        return _validated_cached(model, tuple(sorted(values.items())))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "is invalid").removeprefix("Value error, ")
+        raise MergeInputError(f"{source}: key 'parameters.{loc}' for {where}: {msg} (got {err.get('input')!r})") from None
+
+
+@lru_cache(maxsize=4096)
+def _validated_cached(model: type[BaseModel], items: tuple):
+    return model.model_validate(dict(items))
+
+
+def _check_settings(settings: dict, where: str, source: str, method_name: str, global_keys: list[str], model_keys: list[str], per_model: bool) -> bool:
+    """Check a `parameters` mapping as written (under `where`): known keys, mergekit's setting forms, and
+    every scalar each setting can give valid for its key. Returns whether some setting differs per tensor."""
+    method = METHODS[method_name]
+    allowed = model_keys if per_model else global_keys + model_keys
+    varies = False
+    for key, setting in settings.items():
+        if key not in allowed:
+            kind = "per-model keys" if per_model else "keys"
+            raise MergeInputError(f"{source}: unknown key '{where}.{key}' for merge method '{method_name}'; allowed {kind} are {sorted(allowed)}")
+        why = gradients.check_setting(setting)
+        if why:
+            raise MergeInputError(f"{source}: key '{where}.{key}' {why} (got {setting!r})")
+        varies = varies or not gradients.is_plain(setting)
+        model = method.model_params if key in model_keys else method.params
+        for path, leaf in gradients.leaves(setting):
+            _validate(model, {key: leaf}, source, where + (f".{key}{path}" if path else ""), strip=key if path else None)
+    return varies
+
+
 def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
-    """Validate a parsed YAML mapping into a `MergeConfig`; every error names `source` and the key."""
+    """Validate a parsed YAML mapping into a `MergeConfig`; every error names `source` and the key as the
+    file writes it (an index into `models` counts the base when the file lists it there)."""
     if not isinstance(data, dict):
         raise MergeInputError(f"{source}: a merge config must be a YAML mapping with 'merge_method', 'base_model' and 'models'")
     for key, why in UNSUPPORTED_KEYS.items():
@@ -172,38 +339,93 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         raise MergeInputError(f"{source}: unknown merge method '{raw.merge_method}'; choose one of {sorted(METHODS)}")
     method = METHODS[raw.merge_method]
     global_keys, model_keys = _keys_of(method.params), _keys_of(method.model_params)
+    if raw.slices is not None and not raw.slices:
+        raise MergeInputError(f"{source}: key 'slices' must list at least one slice of 'sources' with 'layer_range' (or leave it out and list 'models')")
+    if raw.slices and raw.models:
+        raise MergeInputError(f"{source}: keys 'models' and 'slices' are exclusive; give one of them (as in mergekit)")
 
-    top_global = {k: v for k, v in raw.parameters.items() if k in global_keys}
-    top_model = {k: v for k, v in raw.parameters.items() if k in model_keys}
-    unknown = sorted(set(raw.parameters) - set(global_keys) - set(model_keys))
-    if unknown:
-        raise MergeInputError(
-            f"{source}: unknown key 'parameters.{unknown[0]}' for merge method '{raw.merge_method}'; allowed keys are {sorted(global_keys + model_keys)}"
-        )
-    params = _validate(method.params, top_global, source, "parameters")
-    _validate(method.model_params, top_model, source, "parameters")  # defaults must be valid on their own
+    varies = _check_settings(raw.parameters, "parameters", source, raw.merge_method, global_keys, model_keys, per_model=False)
+    if raw.slices:
+        specs = []
+        for k, out_slice in enumerate(raw.slices):
+            where = f"slices[{k}]"
+            varies |= _check_settings(out_slice.parameters, f"{where}.parameters", source, raw.merge_method, global_keys, model_keys, per_model=False)
+            sources = []
+            for j, src in enumerate(out_slice.sources):
+                at = f"{where}.sources[{j}]"
+                start, stop = src.layer_range
+                if not 0 <= start < stop:
+                    raise MergeInputError(f"{source}: key '{at}.layer_range' must be [start, stop) with 0 <= start < stop (got {list(src.layer_range)})")
+                varies |= _check_settings(src.parameters, f"{at}.parameters", source, raw.merge_method, global_keys, model_keys, per_model=True)
+                sources.append(SourceSpec(_model_ref(src.model, f"{at}.model", source), (start, stop), src.parameters, at))
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+            if len(lengths) > 1:
+                raise MergeInputError(f"{source}: key '{where}.sources': every source of a slice must hold the same number of layers (got {sorted(lengths)})")
+            specs.append(SliceSpec(tuple(sources), out_slice.parameters, where))
+    else:
+        sources = []
+        for k, entry in enumerate(raw.models):
+            varies |= _check_settings(entry.parameters, f"models[{k}].parameters", source, raw.merge_method, global_keys, model_keys, per_model=True)
+            sources.append(SourceSpec(_model_ref(entry.model, f"models[{k}].model", source), None, entry.parameters, f"models[{k}]"))
+        specs = [SliceSpec(tuple(sources), {}, "")]
+    if varies and raw.parameters.get("scope") == "model":
+        raise MergeInputError(f"{source}: gradients and 'filter' parameters differ per tensor, which needs 'parameters.scope: tensor' (not model)")
 
-    entries = list(raw.models)
     base = raw.base_model
+    zero_base = False
+    named = list(dict.fromkeys(s.model for spec in specs for s in spec.sources))
     if base is None:
-        if method is not METHODS["linear"] or not entries:
+        if not method.base_optional and not (method is METHODS["linear"] and named):
             raise MergeInputError(f"{source}: key 'base_model' is required for merge method '{raw.merge_method}'")
-        base = entries[0].model  # linear needs a reference point only; the average does not depend on it
-    if not method.base_may_be_a_model:
-        entries = [e for e in entries if e.model != base]
-    if not entries:
-        raise MergeInputError(f"{source}: key 'models' must list at least one fine-tuned model besides the base '{base}'")
-
-    model_params = []
-    for k, entry in enumerate(entries):
-        for key in entry.parameters:
-            if key not in model_keys:
+        if not method.base_optional:
+            base = named[0]  # linear needs a reference point only; the average does not depend on it
+        else:
+            zero_base = True
+    if method.base_optional and method.max_models == 1:
+        zero_base = True  # one input per tensor (passthrough): a base, if named, takes no part
+    if base is None:
+        base = named[0] if named else ""  # only for the side files (config.json, tokenizer)
+    if zero_base or method.base_may_be_a_model:
+        models = named
+    else:
+        models = [m for m in named if m != base]
+    if not models:
+        raise MergeInputError(f"{source}: key '{'slices' if raw.slices else 'models'}' must list at least one fine-tuned model besides the base '{base}'")
+    if method.max_models is not None:
+        for spec in specs:
+            if len(spec.sources) > method.max_models:
+                at = f"{spec.where}.sources" if spec.where else "models"
                 raise MergeInputError(
-                    f"{source}: unknown key 'models[{k}].parameters.{key}' for merge method '{raw.merge_method}'; allowed per-model keys are {sorted(model_keys)}"
+                    f"{source}: key '{at}': merge method '{raw.merge_method}' takes at most {method.max_models} model per slice (got {len(spec.sources)})"
                 )
-        model_params.append(_validate(method.model_params, {**top_model, **entry.parameters}, source, f"models[{k}].parameters"))
+
+    # The parameters of a tensor outside the layers, at t = 0: every tensor's, when none varies.
+    # (With filters, every filter taken as matching: the representative values; each tensor's own are
+    # resolved and checked when the inputs are opened.)
+    representative = None if varies else ""
+    params = _resolved(source, "the model", method.params, _resolve_keys(global_keys, [specs[0].parameters, raw.parameters], representative, 0.0))
+    model_params = []
+    for model in models:
+        settings = [s.parameters for spec in specs[:1] for s in spec.sources if s.model == model] + [specs[0].parameters, raw.parameters]
+        entry_where = next((s.where for spec in specs for s in spec.sources if s.model == model), "models")
+        values = _resolve_keys(model_keys, settings, representative, 0.0)
+        try:
+            model_params.append(method.model_params.model_validate(values))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise MergeInputError(error_sentence(source, f"{entry_where}.parameters", err)) from None
 
     out_dtype = _dtype(raw.out_dtype, "out_dtype", source) or _dtype(raw.dtype, "dtype", source)
+    working = _dtype(raw.dtype, "dtype", source)
+    compute = _dtype(raw.compute_dtype, "compute_dtype", source)
+    if compute not in (None, torch.float32):
+        raise MergeInputError(
+            f"{source}: key 'compute_dtype' must be 'float32' (got {raw.compute_dtype!r}); leave it out to compute in 'dtype' as mergekit does"
+        )
+    round_dtype = None if compute is not None or working in (None, torch.float32, torch.float64) else working
+    # mergekit's task-arithmetic family subtracts θ_i − θ_pre in the working dtype; linear (and the methods
+    # on the weights themselves) compute from the converted weights in float32 and round only the result.
+    round_task_vectors = round_dtype is not None and raw.merge_method in ROUNDED_TASK_VECTOR_METHODS
     tokenizer_source = raw.tokenizer_source or "base"
     if tokenizer_source == "union":
         raise MergeInputError(f"{source}: key 'tokenizer_source': 'union' is not supported; use 'base' or a model path")
@@ -211,12 +433,26 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         raw=raw,
         method_name=raw.merge_method,
         base_model=base,
-        models=tuple(e.model for e in entries),
+        models=tuple(models),
         params=params,
         model_params=tuple(model_params),
         out_dtype=out_dtype,
         tokenizer_source=base if tokenizer_source == "base" else tokenizer_source,
+        source=source,
+        slices=tuple(specs),
+        zero_base=zero_base,
+        working_dtype=working,
+        round_dtype=round_dtype,
+        round_task_vectors=round_task_vectors,
+        per_tensor=varies,
     )
+
+
+def _model_ref(ref: str, key: str, source: str) -> str:
+    """A model reference; mergekit's `model+lora` (a LoRA applied at load time) is refused by name."""
+    if "+" in ref and not Path(ref).exists():
+        raise MergeInputError(f"{source}: key '{key}': LoRA references ('model+lora', got {ref!r}) are not supported; merge the LoRA into its model first")
+    return ref
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -16,6 +16,7 @@ Public entry points:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -31,9 +32,12 @@ from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
 from pcbcore.inputs import MergeInputs, StateDictReader, TensorReader, open_inputs, plan_inputs
+from pcbcore.lines import layer_scales
 from pcbcore.memory import bound_resident_memory, keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
+from pcbcore.methods.base import BaseWeights
 from pcbcore.selection import sample_columns
+from pcbcore.slices import resolve_job_params
 from pcbcore.stages import Block, ScopeFacts, Stats, combine_partial, row_spans
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,11 @@ class BlockLoader:
     every input block is finite the first time it is read.
     """
 
-    def __init__(self, inputs: MergeInputs, device: torch.device):
+    def __init__(self, inputs: MergeInputs, device: torch.device, working: torch.dtype | None = None, rounding: torch.dtype | None = None):
         self.inputs, self.device = inputs, device
+        # mergekit's `dtype`: inputs are converted to `working`; with `rounding` set (mergekit's maths in
+        # bf16/fp16), each task vector θ_i − θ_pre is rounded to it as mergekit computes it there.
+        self.working, self.rounding = working, rounding
         self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked: set[tuple] = set()
         self.bytes_read = 0
@@ -83,7 +90,8 @@ class BlockLoader:
     def _raw(self, reader: TensorReader, name: str, rows) -> torch.Tensor:
         raw = reader.read(name, rows)
         self.bytes_read += raw.numel() * raw.element_size()
-        return raw.to(self.device, non_blocking=True).reshape(-1)
+        raw = raw.to(self.device, non_blocking=True).reshape(-1)
+        return raw if self.working is None or not raw.dtype.is_floating_point else raw.to(self.working)
 
     def _check(self, values: torch.Tensor, reader: TensorReader, name: str, rows) -> None:
         """Refuse NaN/Inf, once per input block. min and max propagate NaN and are ±Inf if any entry is:
@@ -102,25 +110,34 @@ class BlockLoader:
         return block
 
     def load(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ_pre (m,) and the task vectors (n_t, m) of the tensor's input models (`TensorJob.models`)."""
         rows = block.rows
         key = (block.name, rows)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
-        base = self._read(self.inputs.base, block.name, rows)
-        task_vectors = torch.empty((len(self.inputs.models), base.numel()), dtype=torch.float32, device=self.device)
-        for i, reader in enumerate(self.inputs.models):
-            if i in self.inputs.same_as_base:
-                task_vectors[i].zero_()
+        job = self.inputs.jobs[block.name]
+        if job.base is not None:
+            base = self._read(job.base[0], job.base[1], rows)
+        else:  # no base (passthrough): θ_pre = 0, τ_i = θ_i
+            base = torch.zeros(_block_numel(block), dtype=torch.float32, device=self.device)
+        task_vectors = torch.empty((len(job.models), base.numel()), dtype=torch.float32, device=self.device)
+        rounded_base = base.to(self.rounding) if self.rounding is not None else None
+        for k, (_, reader, name) in enumerate(job.models):
+            if k in job.zero:
+                task_vectors[k].zero_()
                 continue
             # θ_i − θ_pre in float32. With θ_pre finite, τ_i is finite exactly where θ_i is (unless the
             # difference overflows), so checking τ_i checks the model. Converting first beats a mixed-dtype sub.
-            raw = self._raw(reader, block.name, rows)
-            torch.sub(raw.to(torch.float32), base, out=task_vectors[i])
+            raw = self._raw(reader, name, rows)
+            if rounded_base is not None:  # as mergekit subtracts in its working dtype
+                task_vectors[k].copy_(torch.sub(raw.to(self.rounding), rounded_base))
+            else:
+                torch.sub(raw.to(torch.float32), base, out=task_vectors[k])
             try:
-                self._check(task_vectors[i], reader, block.name, rows)
+                self._check(task_vectors[k], reader, name, rows)
             except MergeInputError:
-                self._check(raw.to(torch.float32), reader, block.name, rows)  # names NaN/Inf in θ_i if it has any
-                raise MergeInputError(f"tensor '{block.name}' of model '{reader.label}' differs from the base by more than float32 can hold") from None
+                self._check(raw.to(torch.float32), reader, name, rows)  # names NaN/Inf in θ_i if it has any
+                raise MergeInputError(f"tensor '{name}' of model '{reader.label}' differs from the base by more than float32 can hold") from None
         self._last = (key, (base, task_vectors))
         return base, task_vectors
 
@@ -136,12 +153,22 @@ class BlockLoader:
             want = min(info.numel, max(1, round(entries * info.numel / total)))
             generator = torch.Generator().manual_seed(zlib.crc32(info.name.encode()))
             small = len(info.shape) <= 1 or info.numel <= SMALL_TENSOR
+            job = self.inputs.jobs[info.name]
             for rows in [None] if small else sample_runs(info, want, generator):  # unchecked reads: the passes check every block
-                base = self._raw(self.inputs.base, info.name, rows)
+                models = [self._raw(reader, name, rows) for _, reader, name in job.models]
+                base = self._raw(*job.base, rows) if job.base is not None else torch.zeros_like(models[0])
                 columns = sample_columns(base.numel(), want, self.device, generator) if small else slice(None)
-                models = torch.stack([self._raw(reader, info.name, rows)[columns] for reader in self.inputs.models])
-                parts.append(models.to(torch.float32) - base[columns].to(torch.float32))
+                parts.append(torch.stack([m[columns] for m in models]).to(torch.float32) - base[columns].to(torch.float32))
         return torch.cat(parts, dim=1)
+
+
+def _block_numel(block: Block) -> int:
+    rows = block.rows
+    shape = block.shape if rows is None else (rows[1] - rows[0], *block.shape[1:])
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def sample_runs(info: TensorInfo, want: int, generator: torch.Generator) -> list[tuple[int, int]]:
@@ -156,12 +183,21 @@ def sample_runs(info: TensorInfo, want: int, generator: torch.Generator) -> list
     return [(slot * length, slot * length + length) for slot in slots]
 
 
+def job_params(config: MergeConfig, loader: BlockLoader, info: TensorInfo) -> tuple:
+    """The method's parameters for one tensor (resolved per tensor at plan time; the config's otherwise)."""
+    job = loader.inputs.jobs.get(info.name)
+    if job is None or job.params is None:
+        return config.params, list(config.model_params)
+    return job.params, list(job.model_params)
+
+
 def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoader, progress: Progress | None = None) -> Stats:
     """Run the method's stages over `scope`, one pass per stage, and return the finished statistics."""
-    stages = config.method.stages(config.params, list(config.model_params))
+    params, model_params = job_params(config, loader, scope[0]) if len(scope) == 1 else (config.params, list(config.model_params))
+    stages = config.method.stages(params, model_params)
     single = len(scope) == 1 and len(blocks_of(scope[0], config.method.whole_tensor)) == 1
     sample = loader.sample(scope, SCOPE_SAMPLE) if not single and any(stage.start is not None for stage in stages) else None
-    stats = Stats(ScopeFacts(sum(t.numel for t in scope), len(config.models), sample))
+    stats = Stats(ScopeFacts(sum(t.numel for t in scope), len(model_params), sample))
     planned, run = sum(stage.needed is None for stage in stages) + 1, 0
     for stage in stages:
         if stage.needed is not None and not stage.needed(stats):
@@ -191,16 +227,36 @@ def compute_stats(config: MergeConfig, scope: list[TensorInfo], loader: BlockLoa
 def stream_components(
     config: MergeConfig, loader: BlockLoader, progress: Progress | None = None
 ) -> Iterator[tuple[TensorInfo, tuple[int, int] | None, torch.Tensor, torch.Tensor]]:
-    """Yield (tensor, rows, base block (m,), components (n, m)) for every block of every merged tensor."""
+    """Yield (tensor, rows, base block (m,), components (n, m)) for every block of every merged tensor.
+
+    A tensor that takes from only some of the models (a slice of other models) has zero components for the
+    rest, so θ = θ_pre + Σ λ_i C_i holds over all n models."""
+    n = len(config.models)
+    for info, rows, base, components, job in _job_components(config, loader, progress):
+        if job.indices != list(range(n)):
+            full = torch.zeros((n, components.shape[1]), dtype=components.dtype, device=components.device)
+            full.index_add_(0, torch.tensor(job.indices, device=components.device), components)
+            components = full
+        yield info, rows, base, components
+
+
+def _job_components(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None):
+    """Yield (tensor, rows, base block (m,), components (n_t, m) of the tensor's own inputs, its job)."""
     inputs = loader.inputs
-    method, params, model_params = config.method, config.params, list(config.model_params)
-    model_scope = method.scope(params) == "model"
+    method = config.method
+    model_scope = method.scope(config.params) == "model"
     stats = compute_stats(config, inputs.merged, loader, progress) if model_scope else None
+    lines = layer_scales(config.raw.lines, [t.name for t in inputs.merged]) if config.raw.lines else None
     for k, info in enumerate(inputs.merged):
+        job = inputs.jobs[info.name]
+        params, model_params = job_params(config, loader, info)
         tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
         for block in blocks_of(info, method.whole_tensor):
             base, task_vectors = loader.load(block)
-            yield info, block.rows, base, method.components(task_vectors, tensor_stats, params, model_params, block)
+            if method.needs_base:
+                tensor_stats.put(BaseWeights(base, bool(job.zero) or job.base is None))  # no base: none to count
+            components = method.components(task_vectors, tensor_stats, params, model_params, block)
+            yield info, block.rows, base, components if lines is None else components * lines[info.name], job  # LiNeS: λ(ℓ)·C_i
         bound_resident_memory()
         if progress:
             progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
@@ -214,17 +270,22 @@ def merged_blocks(
     For a method whose components are fixed multiples of the task vectors (C_i = s_i τ_i: linear, task
     arithmetic), s_i is folded into λ_i and the task vectors are combined directly, with no components built.
     """
-    lambdas = lambdas_of(list(config.model_params))
+    rounding = config.round_dtype
     if config.method.scales is None:
-        for info, rows, base, components in stream_components(config, loader, progress):
-            yield info, rows, combine(base, components, lambdas)
+        for info, rows, base, components, _ in _job_components(config, loader, progress):
+            merged = combine(base, components, lambdas_of(job_params(config, loader, info)[1]))
+            yield info, rows, merged if rounding is None else merged.to(rounding)
         return
-    coefficients = lambdas * torch.tensor(config.method.scales(config.params, list(config.model_params)), dtype=torch.float32)
     merged = loader.inputs.merged
+    lines = layer_scales(config.raw.lines, [t.name for t in merged]) if config.raw.lines else None
     for k, info in enumerate(merged):
+        params, model_params = job_params(config, loader, info)
+        coefficients = lambdas_of(model_params) * torch.tensor(config.method.scales(params, model_params), dtype=torch.float32)
+        tensor_coefficients = coefficients if lines is None else coefficients * lines[info.name]  # LiNeS: λ(ℓ)·s_i·λ_i
         for block in blocks_of(info, config.method.whole_tensor):
             base, task_vectors = loader.load(block)
-            yield info, block.rows, combine(base, task_vectors, coefficients)
+            merged_block = combine(base, task_vectors, tensor_coefficients)
+            yield info, block.rows, merged_block if rounding is None else merged_block.to(rounding)
         if progress:
             progress("merge", k + 1, len(merged))
 
@@ -233,6 +294,20 @@ def _passes(config: MergeConfig) -> int:
     """Passes over a model scope: one per stage that always runs, plus the final one (a selection whose
     bracket misses adds two)."""
     return sum(stage.needed is None for stage in config.method.stages(config.params, list(config.model_params))) + 1
+
+
+def set_layer_count(config_json: Path, layers: int) -> None:
+    """Write the output's layer count into its config.json (a slice merge can add or drop layers)."""
+    if not config_json.is_file():
+        return
+    data = json.loads(config_json.read_text())
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in data or key == "num_hidden_layers":
+            data[key] = layers
+    if isinstance(data.get("layer_types"), list) and data["layer_types"]:
+        types = data["layer_types"]
+        data["layer_types"] = (types * (layers // len(types) + 1))[:layers]
+    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def block_shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
@@ -276,14 +351,16 @@ def merge_to_folder(
             plan = [(t.name, config.out_dtype or t.dtype, t.shape) for t in inputs.merged]
             plan += [(t.name, t.dtype, t.shape) for t in inputs.passthrough]
             writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"merged_by": "pcbmerge", "merge_method": config.method_name})
-            loader = BlockLoader(inputs, dev)
+            loader = BlockLoader(inputs, dev, config.working_dtype, config.round_dtype if config.round_task_vectors else None)
             for info, rows, merged in merged_blocks(config, loader, progress):
                 writer.write(info.name, merged.reshape(block_shape(info, rows)))
             for info in inputs.passthrough:
-                writer.write(info.name, inputs.base.read(info.name))
+                writer.write(info.name, inputs.read_copied(info.name))
             writer.close()
             tokenizer_dir = Path(config.tokenizer_source)
             copy_side_files(Path(config.base_model), tmp, config.out_dtype)
+            if inputs.num_layers is not None:
+                set_layer_count(tmp / "config.json", inputs.num_layers)
             if tokenizer_dir != Path(config.base_model):
                 copy_side_files(tokenizer_dir, tmp, None, tokenizer_only=True)
             write_model_card(config, tmp, config_text)
@@ -314,8 +391,11 @@ def merge_state_dicts(
     if len(models) != len(config.models):
         raise MergeInputError(f"{len(models)} state dicts given for {len(config.models)} models in the config")
     inputs = plan_inputs(StateDictReader(base, config.base_model), [StateDictReader(sd, label) for sd, label in zip(models, config.models)])
+    resolve_job_params(config, inputs)
     out: dict[str, list[torch.Tensor]] = {}
-    for info, rows, merged in merged_blocks(config, BlockLoader(inputs, resolve_device(device))):
+    for info, rows, merged in merged_blocks(
+        config, BlockLoader(inputs, resolve_device(device), config.working_dtype, config.round_dtype if config.round_task_vectors else None)
+    ):
         out.setdefault(info.name, []).append(merged.reshape(block_shape(info, rows)).to(config.out_dtype or info.dtype))
     result = {name: torch.cat(blocks) if len(blocks) > 1 else blocks[0] for name, blocks in out.items()}
     result.update({info.name: base[info.name] for info in inputs.passthrough})

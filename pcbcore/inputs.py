@@ -7,9 +7,9 @@ tensors (integer buffers) are copied from it; a model may hold no tensor that th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -29,23 +29,55 @@ class TensorReader(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class TensorJob:
+    """Where one output tensor's inputs come from, and the method's parameters for it.
+
+    For a `models:` merge every input is the tensor of the same name; a `slices:` merge reads layer k of
+    the output from layer start + offset of each source (`pcbcore.slices`).
+    """
+
+    info: TensorInfo  # the output tensor: name, dtype, shape
+    base: tuple[TensorReader, str] | None  # θ_pre's reader and tensor name (None: θ_pre = 0)
+    models: tuple[tuple[int, TensorReader, str], ...]  # (index into the config's models, reader, tensor name)
+    params: Any = None  # the method's parameters resolved for this tensor (None: the config's)
+    model_params: tuple = ()  # per input model, in the order of `models`
+    zero: frozenset[int] = frozenset()  # positions in `models` that are the base itself: τ = 0
+
+    @property
+    def indices(self) -> list[int]:
+        return [index for index, _, _ in self.models]
+
+
 @dataclass
 class MergeInputs:
     """Opened checkpoints and the tensor plan: which tensors merge, which are copied from the base."""
 
-    base: TensorReader
+    base: TensorReader | None
     models: list[TensorReader]
     merged: list[TensorInfo]
     passthrough: list[TensorInfo]
     # Models that are the base itself (linear lists it among the models): their task vectors are exactly 0.
     same_as_base: frozenset[int] = frozenset()
+    # One job per merged tensor, by output name (filled by `plan_inputs` or `pcbcore.slices`).
+    jobs: dict[str, TensorJob] = field(default_factory=dict)
+    # Where each copied (non-float) tensor comes from, by output name.
+    copied_from: dict[str, tuple[TensorReader, str]] = field(default_factory=dict)
+    # The output's layer count when it differs from the base's (slices).
+    num_layers: int | None = None
+    # Other opened checkpoints a slice reads from (neither the base nor one of `models`).
+    extra_readers: list = field(default_factory=list)
 
     @property
     def numel(self) -> int:
         return sum(t.numel for t in self.merged)
 
+    def read_copied(self, name: str) -> torch.Tensor:
+        reader, source = self.copied_from.get(name) or (self.base, name)
+        return reader.read(source)
+
     def close(self) -> None:
-        for reader in (self.base, *self.models):
+        for reader in {id(r): r for r in (self.base, *self.models, *self.extra_readers) if r is not None}.values():
             reader.close()
 
 
@@ -67,17 +99,26 @@ def plan_inputs(base: TensorReader, models: list[TensorReader], same_as_base: fr
         extra = sorted(set(reader.tensors) - set(base.tensors))
         if extra:
             raise MergeInputError(f"tensor '{extra[0]}' is in model '{reader.label}' but not in base model '{base.label}'")
-    return MergeInputs(base, models, merged, passthrough, same_as_base)
+    inputs = MergeInputs(base, models, merged, passthrough, same_as_base)
+    zero = frozenset(same_as_base)
+    for info in merged:
+        inputs.jobs[info.name] = TensorJob(info, (base, info.name), tuple((i, reader, info.name) for i, reader in enumerate(models)), zero=zero)
+    return inputs
 
 
 def open_inputs(config: MergeConfig) -> MergeInputs:
-    """Open the base and every model and check, before any heavy work, that their tensors line up."""
+    """Open the base and every model and check, before any heavy work, that their tensors line up; then
+    resolve every tensor's parameters (gradients, filters), so a bad value is refused before any output."""
+    from pcbcore.slices import plan_slices, resolve_job_params
+
     allow = config.raw.allow_pickle
+    if config.zero_base or config.raw.slices:
+        return plan_slices(config, allow)
     base = CheckpointReader(config.base_model, allow_pickle=allow)
     models = [CheckpointReader(m, allow_pickle=allow) for m in config.models]
     base_folder = Path(config.base_model).resolve()
     same = frozenset(i for i, m in enumerate(config.models) if Path(m).resolve() == base_folder)
-    return plan_inputs(base, models, same)
+    return resolve_job_params(config, plan_inputs(base, models, same))
 
 
 class StateDictReader:

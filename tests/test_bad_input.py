@@ -210,3 +210,14 @@ def test_a_full_disk_leaves_nothing_behind(zoo):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write output folder '{tmp / 'out'}'")
     assert not (tmp / "out").exists() and not list(tmp.glob(".out.tmp-*"))
+
+
+def test_an_error_about_a_model_listed_after_the_base_names_its_index_in_the_file(zoo, capsys):
+    tmp, base, models = zoo
+    path = tmp / "cfg.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(models[0]), "parameters": {"density": 0}}]}
+        )
+    )
+    refuse(capsys, tmp, path, str(path), "models[1].parameters.density")

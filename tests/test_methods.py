@@ -40,20 +40,23 @@ def test_task_arithmetic_adds_lambda_times_the_task_vectors(device):
 
 
 def test_ties_trims_elects_and_takes_the_disjoint_mean(device):
-    # density 0.5 keeps 2 of 4: τ1 → [0, -2, 3, 0]; τ2's cut is 1 (rank 2 of [1,1,1,2]) and ties are kept: τ2 whole.
-    # Sum [-1, -3, 4, 2] elects [-, -, +, +]; disjoint means: [-1/1, (-2-1)/2, (3+1)/2, 2/1].
-    assert torch.allclose(merge("ties", device=device, density=0.5), torch.tensor([-1.0, -1.5, 2.0, 2.0]))
+    # density 0.5 keeps exactly 2 of 4: τ1 → [0, -2, 3, 0]; τ2's cut is 1 (rank 2 of [1,1,1,2]): the 2 and the
+    # first of the tied 1s, τ2 → [-1, 0, 0, 2]. Sum [-1, -2, 3, 2] elects [-, -, +, +]; no entry has two agreeing.
+    assert torch.allclose(merge("ties", device=device, density=0.5), torch.tensor([-1.0, -2.0, 3.0, 2.0]))
 
 
 def test_ties_without_normalize_sums_agreeing_entries(device):
-    assert torch.allclose(merge("ties", device=device, density=0.5, normalize=False), torch.tensor([-1.0, -3.0, 4.0, 2.0]))
+    assert torch.allclose(merge("ties", device=device, density=0.5, normalize=False), torch.tensor([-1.0, -2.0, 3.0, 2.0]))
 
 
 def test_ties_breaks_a_zero_sum_with_the_majority_sign(device):
     # Entry 0 cancels exactly (1 − 1 = 0); the other elected signs are [-, +, +]: majority +, so +1 wins there.
-    assert torch.allclose(merge("ties", device=device, density=1.0, normalize=False), torch.tensor([1.0, -3.0, 4.0, 2.5]))
+    majority = {"density": 1.0, "normalize": False, "zero_sign": "majority"}
+    assert torch.allclose(merge("ties", device=device, **majority), torch.tensor([1.0, -3.0, 4.0, 2.5]))
     flipped = [{"w": -t["w"]} for t in TASKS]  # elected signs [+, −, −]: majority −, so the −1 wins
-    assert torch.allclose(merge("ties", flipped, device=device, density=1.0, normalize=False), torch.tensor([-1.0, 3.0, -4.0, -2.5]))
+    assert torch.allclose(merge("ties", flipped, device=device, **majority), torch.tensor([-1.0, 3.0, -4.0, -2.5]))
+    # mergekit's rule (the default): + where the sum is exactly 0, whatever the other signs.
+    assert torch.allclose(merge("ties", flipped, device=device, density=1.0, normalize=False), torch.tensor([1.0, 3.0, -4.0, -2.5]))
 
 
 def test_dare_with_density_one_is_task_arithmetic(device):

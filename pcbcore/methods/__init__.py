@@ -1,6 +1,27 @@
 """The registry of merge methods: one explicit line per method, name → `MergeMethod`."""
 
-from pcbcore.methods import dare, linear, pcb, task_arithmetic, ties
+from pcbcore.methods import (
+    arcee_fusion,
+    breadcrumbs,
+    cart,
+    consensus,
+    dare,
+    della,
+    iso,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    pcb,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from pcbcore.methods.base import MergeMethod, combine, lambdas_of
 
 METHODS: dict[str, MergeMethod] = {
@@ -10,6 +31,25 @@ METHODS: dict[str, MergeMethod] = {
     "dare_linear": dare.DARE_LINEAR,
     "dare_ties": dare.DARE_TIES,
     "pcb": pcb.METHOD,
+    "tsv": tsv.METHOD,
+    "iso_c": iso.ISO_C,
+    "iso_cts": iso.ISO_CTS,
+    "cart": cart.METHOD,
+    "consensus_ta": consensus.CONSENSUS_TA,
+    "consensus_ties": consensus.CONSENSUS_TIES,
+    "slerp": slerp.METHOD,
+    "nuslerp": nuslerp.METHOD,
+    "multislerp": multislerp.METHOD,
+    "karcher": karcher.METHOD,
+    "breadcrumbs": breadcrumbs.BREADCRUMBS,
+    "breadcrumbs_ties": breadcrumbs.BREADCRUMBS_TIES,
+    "della": della.DELLA,
+    "della_linear": della.DELLA_LINEAR,
+    "sce": sce.METHOD,
+    "model_stock": model_stock.METHOD,
+    "nearswap": nearswap.METHOD,
+    "arcee_fusion": arcee_fusion.METHOD,
+    "passthrough": passthrough.METHOD,
 }
 
 __all__ = ["METHODS", "MergeMethod", "combine", "lambdas_of"]

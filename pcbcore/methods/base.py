@@ -60,6 +60,17 @@ def no_stages(params: FrozenModel, model_params: list) -> list[Stage]:
     return []
 
 
+@dataclass
+class BaseWeights:
+    """θ_pre of the block being merged, for a method with `needs_base` (put in its stats by the executor)."""
+
+    values: torch.Tensor  # (m,) float32, read-only: the executor combines with it afterwards
+    # Whether the base is already among the inputs — one of the merged models is the base itself (its task
+    # vector then is 0) — or there is none (θ_pre = 0): a method that counts the base among its inputs
+    # (Karcher mean) adds it only when this is false.
+    listed: bool = False
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -75,6 +86,14 @@ class MergeMethod:
     # Components that need each tensor whole (a matrix's SVD, a norm over the tensor) get it as one block
     # however large it is: memory is then bounded by one tensor per model instead of one block.
     whole_tensor: bool = False
+    # Methods that merge the weights themselves (a slerp's angle between θ_pre and θ_1, a softmax over a row
+    # of weights), not only the task vectors, find the block's θ_pre in the stats as `BaseWeights`.
+    needs_base: bool = False
+    # A method that needs no base model (passthrough; mergekit's methods whose base is optional): with none
+    # in the config, θ_pre = 0, so the components are the models' weights themselves.
+    base_optional: bool = False
+    # The most models one tensor may take from (passthrough: one), checked at config load.
+    max_models: int | None = None
 
     def scope(self, params: FrozenModel) -> Scope:
         return getattr(params, "scope", "tensor")

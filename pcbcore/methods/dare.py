@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -35,6 +36,9 @@ class DareParams(MergekitMemoryOption):
     normalize: bool = Field(False, description="divide by the (agreeing) sum of weights")
     rescale: bool = Field(True, description="rescale survivors by 1/density")
     seed: int = Field(0, description="seed of the drop masks")
+    zero_sign: Literal["positive", "majority"] = Field(
+        "positive", description="dare_ties: elected sign where the weighted sum is exactly 0: + (mergekit) or the majority sign (TIES paper's code)"
+    )
 
 
 @dataclass
@@ -95,7 +99,7 @@ def dare_ties_stages(params: DareParams, model_params: list) -> list[Stage]:
         keep = stats.setdefault(KeptMasks).by_block[block.index] = keep_masks(params, model_params, block, task_vectors.device)
         return _weighted_dropped(task_vectors, params, model_params, block, keep)
 
-    return [sign_majority_stage(weighted_dropped_keeping_masks)]
+    return [sign_majority_stage(weighted_dropped_keeping_masks)] if params.zero_sign == "majority" else []
 
 
 def _weighted_dropped(task_vectors: torch.Tensor, params: DareParams, model_params: list, block: Block, keep: list | None = None) -> torch.Tensor:
@@ -106,7 +110,8 @@ def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareP
     kept = stats.find(KeptMasks)
     keep = kept.by_block.pop(block.index, None) if kept is not None else None
     weighted = _weighted_dropped(task_vectors, params, model_params, block, keep)
-    return disjoint_components(weighted, weights_of(model_params), stats.get(MajoritySign).sign, params.normalize)
+    majority = stats.get(MajoritySign).sign if params.zero_sign == "majority" else 1.0
+    return disjoint_components(weighted, weights_of(model_params), majority, params.normalize)
 
 
 DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components)

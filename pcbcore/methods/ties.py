@@ -1,12 +1,15 @@
 """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
 
-1. Trim: keep each task vector's ⌊density·D⌋ entries of largest magnitude over the scope (the paper trims
-   over the whole model: `scope: model`; mergekit trims each tensor: `scope: tensor`, the default here as
-   there). The cut is the value of ascending rank D − k of |τ_i|, found by exact radix select; entries
-   tied with it are all kept (so bf16 inputs, full of ties, keep the same entries on every device).
-2. Elect: the sign of Σ_i w_i·trimmed τ_i per entry. Where that sum is exactly zero the paper's code
-   takes the sign of the sum of all elected signs over the scope (its "majority" rule) — one more pass.
-   mergekit takes +1 there; the two differ only at exact cancellations.
+1. Trim: keep exactly k = max(1, ⌊density·D⌋) entries of each task vector, those of largest magnitude over
+   the scope, as mergekit does (`sparsify.magnitude`; density 1 keeps all). The paper trims over the whole
+   model: `scope: model`; mergekit trims each tensor: `scope: tensor`, the default here as there. The cut
+   is the value of ascending rank D − k of |τ_i|, found by exact radix select. Entries above it are kept;
+   of the entries equal to it (bf16 task vectors hold only a few hundred distinct magnitudes per tensor),
+   the first ones in scope order (tensors in order, then flat index) fill the k — a deterministic rule,
+   the same on every device (mergekit's unstable argsort keeps some k of them).
+2. Elect: the sign of Σ_i w_i·trimmed τ_i per entry. Where that sum is exactly zero, mergekit takes +1
+   (`zero_sign: positive`, the default); the paper's code takes the sign of the sum of all elected signs
+   over the scope (`zero_sign: majority`, its "majority" rule) — one more pass.
 3. Disjoint merge: average only the entries whose sign agrees with the elected one, dividing by the
    (weighted) count of agreeing non-zero entries when `normalize` (the default, as in mergekit).
 
@@ -15,7 +18,8 @@ Components: C_i = w_i·trimmed τ_i·[agrees] / Σ_j w_j·[agrees_j].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -29,6 +33,9 @@ from pcbcore.stages import Block, ReduceFn, Stage, Stats
 class TiesParams(MergekitMemoryOption):
     normalize: bool = Field(True, description="divide by the weighted count of agreeing entries")
     scope: Scope = Field("tensor", description="trim over each tensor (mergekit) or the whole model (TIES paper)")
+    zero_sign: Literal["positive", "majority"] = Field(
+        "positive", description="elected sign where the weighted sum is exactly 0: + (mergekit) or the scope's majority sign (TIES paper's code)"
+    )
     rescale: bool = Field(False, description="mergekit's norm rescaling after the trim; only false is supported")
 
     @model_validator(mode="after")
@@ -56,9 +63,40 @@ class MajoritySign:
     sign: float | None  # ±1.0; None when the scope is one block: the components step takes it from the block
 
 
+@dataclass
+class TieAllowance:
+    """Per block of a multi-block scope, how many entries equal to the cut each task keeps there (n,)."""
+
+    by_block: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
 def _kept_counts(stats: Stats, model_params: list) -> torch.Tensor:
+    """k per task: mergekit's max(1, ⌊density·D⌋) (all D at density 1)."""
     numel = stats.scope.numel
-    return torch.tensor([int(m.density * numel) for m in model_params], dtype=torch.int64)
+    return torch.tensor([numel if m.density >= 1.0 else min(numel, max(1, int(m.density * numel))) for m in model_params], dtype=torch.int64)
+
+
+def tie_allowance_stage(model_params: list) -> Stage:
+    """Counts, per block, the entries above and at the cut; leaves a `TieAllowance`: the ties each block
+    keeps so that the scope keeps exactly k, the first ties in scope order. (A single-block scope does this
+    in the components step.)"""
+
+    def count(task_vectors: torch.Tensor, stats: Stats, block: Block) -> tuple:
+        trim = stats.get(TrimCut)
+        magnitude = task_vectors.abs()
+        cut = trim.cut.to(task_vectors.device).unsqueeze(-1)
+        return (block.name, block.index), (magnitude > cut).sum(1).cpu(), (magnitude == cut).sum(1).cpu()
+
+    def finish(stats: Stats, parts: list) -> None:
+        budget = _kept_counts(stats, model_params) - sum(above for _, above, _ in parts)
+        allowance = TieAllowance()
+        for key, _, equal in parts:
+            take = torch.minimum(budget.clamp(min=0), equal)
+            allowance.by_block[key] = take
+            budget = budget - take
+        stats.put(allowance)
+
+    return Stage(count, finish, op="collect", whole=lambda task_vectors, stats, block: None)
 
 
 def topk_threshold_stages(model_params: list) -> list[Stage]:
@@ -71,18 +109,33 @@ def topk_threshold_stages(model_params: list) -> list[Stage]:
     def found(stats: Stats, cut: OrderStatistic) -> None:
         stats.put(TrimCut(cut.value, _kept_counts(stats, model_params) == 0, cut.values))
 
-    return KthSmallest(lambda task_vectors, stats, block: task_vectors.abs(), ranks, found).stages()
+    return [*KthSmallest(lambda task_vectors, stats, block: task_vectors.abs(), ranks, found).stages(), tie_allowance_stage(model_params)]
 
 
-def trim_topk(task_vectors: torch.Tensor, stats: Stats) -> torch.Tensor:
-    """A new tensor: τ with every entry under its task's cut zeroed (all of them where a task keeps none)."""
+def trim_topk(task_vectors: torch.Tensor, stats: Stats, block: Block | None = None, model_params: list | None = None) -> torch.Tensor:
+    """A new tensor: τ with all but its task's k entries of largest magnitude zeroed (ties at the cut: the
+    first ones in scope order, `TieAllowance`; in a single-block scope, counted here)."""
     trim = stats.get(TrimCut)
     magnitude, trim.magnitudes = trim.magnitudes, None  # |τ|, kept by the selection when this block is the scope
     if magnitude is None:
         magnitude = task_vectors.abs()
     cut = trim.cut.to(task_vectors.device).unsqueeze(-1)
     cut = torch.where(trim.keep_none.to(task_vectors.device).unsqueeze(-1), torch.inf, cut)
-    return magnitude.ge_(cut).mul_(task_vectors)  # in place on |τ| (ours): 1.0 where kept, then τ there
+    tied = magnitude == cut  # (n, m)
+    allowance = stats.find(TieAllowance)
+    if allowance is not None and block is not None and (block.name, block.index) in allowance.by_block:
+        allowed = allowance.by_block[(block.name, block.index)].to(task_vectors.device)
+    elif model_params is not None:  # one block is the whole scope
+        allowed = _kept_counts(stats, model_params).to(task_vectors.device) - (magnitude > cut).sum(1)
+    else:
+        allowed = None
+    keep = magnitude.ge_(cut)  # in place on |τ| (ours): 1.0 where kept
+    if allowed is not None:
+        surplus = tied.sum(1) > allowed
+        if bool(surplus.any()):
+            drop = tied & (tied.cumsum(1) > allowed.unsqueeze(-1))  # ties past the allowance, in flat order
+            keep.masked_fill_(drop, 0.0)
+    return keep.mul_(task_vectors)
 
 
 def sign_majority_stage(weighted_sparse: ReduceFn) -> Stage:
@@ -140,14 +193,16 @@ def disjoint_components(weighted: torch.Tensor, weights: list[float], majority: 
 
 def ties_stages(params: TiesParams, model_params: list) -> list[Stage]:
     def weighted_trim(task_vectors: torch.Tensor, stats: Stats, block: Block) -> torch.Tensor:
-        return scale_rows_(trim_topk(task_vectors, stats), weights_of(model_params))
+        return scale_rows_(trim_topk(task_vectors, stats, block, model_params), weights_of(model_params))
 
-    return [*topk_threshold_stages(model_params), sign_majority_stage(weighted_trim)]
+    stages = topk_threshold_stages(model_params)
+    return [*stages, sign_majority_stage(weighted_trim)] if params.zero_sign == "majority" else stages
 
 
 def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams, model_params: list, block: Block) -> torch.Tensor:
     weights = weights_of(model_params)
-    return disjoint_components(scale_rows_(trim_topk(task_vectors, stats), weights), weights, stats.get(MajoritySign).sign, params.normalize)
+    majority = stats.get(MajoritySign).sign if params.zero_sign == "majority" else 1.0
+    return disjoint_components(scale_rows_(trim_topk(task_vectors, stats, block, model_params), weights), weights, majority, params.normalize)
 
 
 METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages)

@@ -1,0 +1,54 @@
+"""SCE: Select, Calculate, Erase (Wan et al., FuseChat, 2024, arXiv 2408.07990), as mergekit's `sce`.
+
+Per tensor, for task vectors τ_1 … τ_n:
+1. Select (when `select_topk` < 1): keep, in every task vector, only the entries where the variance over
+   the models (population variance) is among the ⌊select_topk · #(non-zero variance)⌋ largest — the
+   entries on which the models disagree most. Ties are ranked by position.
+2. Calculate: a weight per model, η_i = mean(τ_i²) / Σ_j mean(τ_j²) over the tensor (the uniform 1/n where
+   that sum is under 1e-6, as mergekit does).
+3. Erase: keep the entries whose sign agrees with the sign of Σ_i τ_i (+ where that sum is 0).
+
+θ_m = θ_pre + Σ_i η_i·[agrees_i]·τ_i / max(Σ_j η_j·[agrees_j], 1e-6).
+
+Components (exact): C_i = η_i·[agrees_i]·selected τ_i / max(Σ_j η_j·[agrees_j], 1e-6).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from pcbcore.methods.base import Fraction, MergekitMemoryOption, MergeMethod, ModelParams
+from pcbcore.methods.breadcrumbs import rank_window, sign_agreement
+from pcbcore.stages import Block, Stats
+
+
+class SceParams(MergekitMemoryOption):
+    select_topk: Fraction = Field(1.0, description="fraction of the entries of largest variance across models kept")
+    normalize: bool = Field(True, description="accepted for mergekit compatibility; SCE always divides by its weights")
+
+
+def select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
+    """1.0 at the ⌊fraction · #(non-zero variance)⌋ entries of largest variance across models, else 0.0 (m,)."""
+    variance = task_vectors.var(dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(variance)) * fraction)
+    return rank_window(variance, variance.numel() - k, k).to(task_vectors.dtype)
+
+
+def sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+    """η_i = mean(τ_i²) / Σ_j mean(τ_j²), or uniform where the sum is under 1e-6. (n, m) → (n, 1)."""
+    weights = task_vectors.square().mean(dim=-1)
+    total = float(weights.sum())
+    if abs(total) < 1e-6:
+        return torch.full_like(weights, 1.0 / weights.numel()).unsqueeze(-1)
+    return (weights / total).unsqueeze(-1)
+
+
+def sce_components(task_vectors: torch.Tensor, stats: Stats, params: SceParams, model_params: list, block: Block) -> torch.Tensor:
+    selected = task_vectors * select_mask(task_vectors, params.select_topk) if params.select_topk < 1.0 else task_vectors.clone()
+    erased = sce_weights(selected) * sign_agreement(selected)  # (n, m)
+    divisor = erased.sum(dim=0).clamp_(min=1e-6)
+    return selected.mul_(erased).div_(divisor)
+
+
+METHOD = MergeMethod("sce", SceParams, ModelParams, sce_components, whole_tensor=True)

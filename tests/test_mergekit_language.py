@@ -1,0 +1,178 @@
+"""mergekit's config language on tiny models: slices, the base among the models, null parameters, gradients,
+filters, exact TIES density, and `dtype` as the working dtype — each against values worked out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pcbcore.checkpoint import CheckpointReader
+from pcbcore.config import parse_merge_config
+from pcbcore.errors import MergeInputError
+from pcbcore.executor import merge_state_dicts, merge_to_folder
+from pcbmerge.cli import main
+
+
+def run(tmp_path, data, name="out"):
+    merge_to_folder(parse_merge_config(data, source="cfg.yml"), tmp_path / name, device="cpu")
+    return CheckpointReader(tmp_path / name)
+
+
+def test_null_parameters_mean_none(tiny_zoo):
+    base, models = tiny_zoo
+    text = f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {models[0]}\n    parameters:\n      # nothing here\nparameters:\n"
+    config = parse_merge_config(yaml.safe_load(text))
+    assert config.model_params[0].weight == 1.0
+
+
+def test_an_error_about_a_listed_model_names_its_index_in_the_file(tiny_zoo):
+    base, models = tiny_zoo
+    data = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(models[0]), "parameters": {"density": 2}}]}
+    with pytest.raises(MergeInputError, match=r"models\[1\]\.parameters\.density"):
+        parse_merge_config(data, source="cfg.yml")
+
+
+def test_a_bad_gradient_entry_is_named_with_its_position(tiny_zoo):
+    base, models = tiny_zoo
+    data = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(models[0]), "parameters": {"density": [1, 1.5]}}]}
+    with pytest.raises(MergeInputError, match=r"models\[0\]\.parameters\.density\[1\]"):
+        parse_merge_config(data, source="cfg.yml")
+
+
+def test_a_lora_reference_is_refused_naming_the_key(tiny_zoo):
+    base, models = tiny_zoo
+    data = {"merge_method": "linear", "models": [{"model": f"{models[0]}+some/lora"}, {"model": str(models[1])}]}
+    with pytest.raises(MergeInputError, match=r"'models\[0\]\.model'"):
+        parse_merge_config(data, source="cfg.yml")
+
+
+def test_a_weight_gradient_is_read_at_each_layer(tiny_zoo, tmp_path):
+    """weight [0, 1] over 2 layers: layer 0 at t = 0 (weight 0, the base), layer 1 at t = 1 (the model);
+    tensors outside the layers have t = 0."""
+    base, models = tiny_zoo
+    out = run(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(models[0]), "parameters": {"weight": [0, 1]}}]})
+    b, m = CheckpointReader(base), CheckpointReader(models[0])
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(out.read(name), b.read(name)), name
+    assert torch.equal(out.read("model.layers.1.mlp.up_proj.weight"), m.read("model.layers.1.mlp.up_proj.weight"))
+
+
+def test_a_three_point_gradient_interpolates_as_mergekit():
+    from pcbcore.gradients import evaluate
+
+    assert evaluate([1, 0.7, 0.1], "x", 0.0) == 1
+    assert evaluate([1, 0.7, 0.1], "x", 0.25) == pytest.approx(0.85)
+    assert evaluate([1, 0.7, 0.1], "x", 1.0) == pytest.approx(0.1)
+    assert evaluate([{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}], "model.layers.3.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
+    assert evaluate([{"filter": "self_attn", "value": 1}], "model.norm.weight", 0.0) is None  # no match: the next source is asked
+
+
+def test_filters_take_the_first_matching_condition_then_the_fallback(tiny_zoo, tmp_path):
+    base, models = tiny_zoo
+    weight = [{"filter": "mlp", "value": 1.0}, {"value": 0.0}]
+    out = run(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(models[0]), "parameters": {"weight": weight}}]})
+    b, m = CheckpointReader(base), CheckpointReader(models[0])
+    assert torch.equal(out.read("model.layers.0.mlp.down_proj.weight"), m.read("model.layers.0.mlp.down_proj.weight"))
+    assert torch.equal(out.read("model.layers.0.self_attn.q_proj.weight"), b.read("model.layers.0.self_attn.q_proj.weight"))
+
+
+def test_top_level_filters_are_defaults_below_the_models_own(tiny_zoo, tmp_path):
+    base, models = tiny_zoo
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(models[0]), "parameters": {"weight": [{"filter": "q_proj", "value": 0.0}]}}],
+        "parameters": {"weight": 1.0},
+    }
+    out = run(tmp_path, data)
+    b, m = CheckpointReader(base), CheckpointReader(models[0])
+    assert torch.equal(out.read("model.layers.1.self_attn.q_proj.weight"), b.read("model.layers.1.self_attn.q_proj.weight"))
+    assert torch.equal(out.read("model.layers.1.self_attn.k_proj.weight"), m.read("model.layers.1.self_attn.k_proj.weight"))
+
+
+def test_passthrough_slices_stack_repeated_layers_and_write_the_new_layer_count(tiny_zoo, tmp_path):
+    base, models = tiny_zoo
+    slices = [{"sources": [{"model": str(models[0]), "layer_range": [0, 2]}]}, {"sources": [{"model": str(models[1]), "layer_range": [1, 2]}]}]
+    out = run(tmp_path, {"merge_method": "passthrough", "slices": slices})
+    a, b = CheckpointReader(models[0]), CheckpointReader(models[1])
+    suffix = ".self_attn.o_proj.weight"
+    assert torch.equal(out.read(f"model.layers.0{suffix}"), a.read(f"model.layers.0{suffix}"))
+    assert torch.equal(out.read(f"model.layers.1{suffix}"), a.read(f"model.layers.1{suffix}"))
+    assert torch.equal(out.read(f"model.layers.2{suffix}"), b.read(f"model.layers.1{suffix}"))
+    assert torch.equal(out.read("model.embed_tokens.weight"), a.read("model.embed_tokens.weight"))  # before the layers: the first slice
+    assert torch.equal(out.read("lm_head.weight"), b.read("lm_head.weight"))  # after them: the last slice
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert len([n for n in out.tensors if n.startswith("model.layers.2.")]) == len([n for n in a.tensors if n.startswith("model.layers.1.")])
+
+
+def test_passthrough_takes_one_model_per_slice(tiny_zoo):
+    _, models = tiny_zoo
+    slices = [{"sources": [{"model": str(models[0]), "layer_range": [0, 2]}, {"model": str(models[1]), "layer_range": [0, 2]}]}]
+    with pytest.raises(MergeInputError, match=r"slices\[0\]\.sources"):
+        parse_merge_config({"merge_method": "passthrough", "slices": slices}, source="cfg.yml")
+
+
+def test_a_linear_slice_merges_different_layer_ranges(tiny_zoo, tmp_path):
+    """Layer k of the output averages layer k of the first source with layer 1 + k of the second."""
+    base, models = tiny_zoo
+    slices = [{"sources": [{"model": str(models[0]), "layer_range": [0, 1]}, {"model": str(models[1]), "layer_range": [1, 2]}]}]
+    out = run(tmp_path, {"merge_method": "linear", "slices": slices, "parameters": {"weight": 1.0}})
+    a, b = CheckpointReader(models[0]), CheckpointReader(models[1])
+    name = ".mlp.gate_proj.weight"
+    expected = a.read(f"model.layers.0{name}") + 0.5 * (b.read(f"model.layers.1{name}") - a.read(f"model.layers.0{name}"))
+    assert torch.allclose(out.read(f"model.layers.0{name}"), expected, atol=1e-6)
+    assert "model.layers.1.mlp.gate_proj.weight" not in out.tensors
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.9])
+def test_one_model_ties_keeps_exactly_density_of_the_entries_of_a_bf16_tensor(density):
+    """bf16 task vectors are full of ties at any cut; exactly max(1, ⌊density·numel⌋) entries are kept."""
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(64, 50)}
+    task = {"w": (torch.randn(64, 50, generator=generator) * 0.01).to(torch.bfloat16).float()}
+    config = parse_merge_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"density": density}}]})
+    out = merge_state_dicts(config, base, [task])["w"]
+    assert int((out != 0).sum()) == int(density * 64 * 50)
+
+
+def test_ties_density_is_exact_over_a_streamed_tensor(monkeypatch):
+    import pcbcore.executor as executor
+
+    monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 300)
+    monkeypatch.setattr(executor, "STREAM_BLOCK_ELEMENTS", 300)
+    task = {"w": torch.tensor([1.0, 2.0, 2.0, 3.0] * 250).reshape(100, 10)}
+    config = parse_merge_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"density": 0.6}}]})
+    out = merge_state_dicts(config, {"w": torch.zeros(100, 10)}, [task])["w"].reshape(-1)
+    assert int((out != 0).sum()) == 600  # all 250 threes, and the first 350 of the 500 tied twos
+    twos = (out == 2.0).nonzero().reshape(-1)
+    assert len(twos) == 350 and int(twos.max()) < int((task["w"].reshape(-1) == 2.0).nonzero().reshape(-1)[350])
+
+
+def test_dtype_is_the_working_dtype_and_compute_dtype_opts_into_float32(tiny_zoo):
+    """mergekit converts inputs to `dtype` and subtracts there: θ_pre + (θ_1 − θ_pre) rounded in bf16."""
+    generator = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(1000, generator=generator)}
+    model = {"w": base["w"] + 0.01 * torch.randn(1000, generator=generator)}
+    data = {"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 0.3}}], "dtype": "bfloat16"}
+    out = merge_state_dicts(parse_merge_config(data), base, [model])["w"]
+    b16, m16 = base["w"].to(torch.bfloat16), model["w"].to(torch.bfloat16)
+    delta = m16 - b16  # rounded to bf16, as mergekit's working dtype
+    expected = (b16.float() + 0.3 * delta.float()).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    precise = merge_state_dicts(parse_merge_config({**data, "compute_dtype": "float32"}), base, [model])["w"]
+    assert torch.equal(precise, (b16.float() + 0.3 * (m16.float() - b16.float())).to(torch.bfloat16))
+    assert not torch.equal(precise, out)
+
+
+def test_cli_refuses_a_slice_past_the_models_layers(tiny_zoo, tmp_path, capsys):
+    _, models = tiny_zoo
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(models[0]), "layer_range": [0, 5]}]}]}))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--device", "cpu"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(path) in message and "slices[0].sources[0].layer_range" in message
+    assert not (tmp_path / "out").exists()

@@ -213,6 +213,13 @@ METHODS = {
     "pcb_tensor": ("pcb", {}, {"ratio": 0.2, "scope": "tensor", "variant": "paper"}, {}, None),
     "pcb_model_paper": ("pcb", {}, {"ratio": 0.2, "scope": "model", "variant": "paper"}, {}, None),
     "pcb_model_release": ("pcb", {}, {"ratio": 0.2, "scope": "model", "variant": "release"}, {}, None),
+    # the subspace methods and consensus masks at their papers' defaults (SVDs of every matrix, whole)
+    "tsv": ("tsv", {}, {}, {}, None),
+    "iso_c": ("iso_c", {}, {}, {}, None),
+    "iso_cts": ("iso_cts", {}, {}, {}, None),
+    "cart": ("cart", {}, {}, {}, None),
+    "consensus_ta": ("consensus_ta", {}, {}, {"weight": 0.5}, None),
+    "consensus_ties": ("consensus_ties", {}, {"scope": "tensor"}, {"weight": 1.0, "density": 0.2}, None),
 }
 MERGEKIT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 # issue 2 targets: method -> (mergekit method whose time is the reference, max ratio)

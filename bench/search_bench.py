@@ -10,6 +10,16 @@
     .venv/bin/python bench/search_bench.py --size demo --budget 24 --popsize 6 [--variant paper] [--ratio 0.1 0.2]
 
 Writes `results.json` and `results.md` under `--workdir` (default bench/out/search).
+
+3. Components at LLM scale (`--components-size 477M`, on its own): a synthetic 4-expert zoo of that size
+   (bench/merge_bench.py's Llama shapes, bf16), and per method the stored components' bytes per merged
+   parameter on disk, the time to compute them, a candidate's build time and the resident memory it adds
+   beyond the model (a fresh process per method, the model's tensors allocated first), and the built
+   weights' error against the exact streaming merge. Target: ≤ 2.5 bytes per parameter for 4 experts.
+
+    .venv/bin/python bench/search_bench.py --components-size 477M [--workdir bench/out/search]
+
+Writes `components.json` and `components.md`.
 """
 
 from __future__ import annotations
@@ -43,7 +53,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="examples per task (validation and test)")
     parser.add_argument("--repeats", type=int, default=5, help="λ vectors timed in part 1")
+    parser.add_argument("--components-size", default=None, metavar="SIZE", help="part 3 only: components of a 4-expert zoo of SIZE (e.g. 477M)")
+    parser.add_argument("--components-worker", default=None, help=argparse.SUPPRESS)  # one method's build, in its own process
     args = parser.parse_args()
+    if args.components_worker:
+        print(json.dumps(components_worker(Path(args.components_worker))))
+        return 0
+    if args.components_size:
+        return components_at_scale(args)
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -221,6 +238,155 @@ def markdown(results: dict) -> str:
             f"{found['test_mean']:.4f} ({found['test_mean'] - fixed[best_label]['test_mean']:+.4f}). "
             f"Search wall time {found['wall_seconds']:.0f}s; building {found['build_share_percent']:.2f}% of evaluating.",
         ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- part 3: components at LLM scale
+
+N_EXPERTS = 4
+SCALE_METHODS = [
+    ("ties d=0.2", "ties", {"density": 0.2}),
+    ("dare_ties d=0.5", "dare_ties", {"density": 0.5}),
+    ("pcb paper r=0.1", "pcb", {"ratio": 0.1, "variant": "paper"}),
+    ("pcb release r=0.2", "pcb", {"ratio": 0.2, "variant": "release"}),
+    ("task_arithmetic", "task_arithmetic", {}),
+]
+LAMBDAS = [1.3, 0.7, 1.1, 0.9]
+
+
+def components_at_scale(args) -> int:
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import merge_bench
+
+    from pcbcore.components import StoredComponents, compute_components
+    from pcbcore.config import parse_merge_config
+
+    work = args.workdir.resolve()
+    merge_bench.N_FINETUNES = N_EXPERTS  # four experts (merge_bench's zoo has three)
+    zoo = work / f"zoo-{args.components_size}-x{N_EXPERTS}"
+    cfg = merge_bench.build_zoo(zoo, merge_bench.parse_size(args.components_size), 2 * 1024**3, seed=0)
+    dirs = merge_bench.model_dirs(zoo)
+    rows = []
+    for label, method, params in SCALE_METHODS:
+        data = {"merge_method": method, "base_model": str(dirs[0]), "models": [{"model": str(d)} for d in dirs[1:]], "parameters": params}
+        folder = work / "components-scale" / label.replace(" ", "-").replace("=", "")
+        started = time.perf_counter()
+        compute_components(parse_merge_config(data), folder, device="cpu", overwrite=True)
+        compute_seconds = time.perf_counter() - started
+        stored = StoredComponents(folder, device="cpu")
+        parameters = sum(_numel(stored.shapes[name]) for name in stored.names)
+        spec = folder / "bench.json"
+        spec.write_text(json.dumps({"config": data, "lambdas": LAMBDAS, "exact": stored.form == "stored"}))
+        print(f"[components] {label}: {stored.form}, {stored.stored_bytes / parameters:.3f} bytes/parameter, computed in {compute_seconds:.1f}s", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--components-worker", str(folder)], capture_output=True, text=True, check=True)
+        worker = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "method": label,
+                "form": stored.form,
+                "parameters": parameters,
+                "bytes_per_parameter": round(stored.stored_bytes / parameters, 4),
+                "compute_seconds": round(compute_seconds, 1),
+                **worker,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    results = {"size": args.components_size, "experts": N_EXPERTS, "config": cfg, "rows": rows}
+    (work / f"components{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (work / f"components{args.tag}.md").write_text(components_markdown(results))
+    print(components_markdown(results))
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss() -> int:
+    """This process's resident memory now, in bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def components_worker(folder: Path) -> dict:
+    """In a fresh process: the model's tensors first (what a worker holds anyway), then one candidate built
+    into them; the peak memory it added, its build time, and its error against the exact merge."""
+    import torch
+
+    from pcbcore.components import StoredComponents, loader_for
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import block_shape, merged_blocks
+    from pcbcore.inputs import open_inputs
+
+    spec = json.loads((folder / "bench.json").read_text())
+    stored = StoredComponents(folder, device="cpu")
+    model = {name: torch.empty(stored.shapes[name], dtype=dtype) for name, dtype in stored.out_dtypes.items()}
+    for name in model:
+        model[name].zero_()  # touch every page: the model is resident before the baseline
+    baseline, now = _peak_rss(), _current_rss()
+    builds, highest = [], now
+    for _ in range(2):
+        started = time.perf_counter()
+        for name, tensor in stored.tensors(spec["lambdas"]):
+            highest = max(highest, _current_rss())  # with the tensor just built still held
+            if name in model:
+                model[name].copy_(tensor)
+        builds.append(time.perf_counter() - started)
+    added = max(_peak_rss() - baseline, highest - now)
+    parameters = sum(t.numel() for t in model.values())
+    result = {"build_seconds": round(min(builds), 2), "added_memory_bytes_per_parameter": round(added / parameters, 4)}
+    if spec["exact"]:
+        config = parse_merge_config(spec["config"]).with_lambdas(spec["lambdas"])
+        inputs = open_inputs(config)
+        differ, worst, total, ours, rounding = 0, 0.0, 0, 0.0, 0.0
+        for info, rows, merged in merged_blocks(config, loader_for(config, inputs, torch.device("cpu"))):
+            built = model[info.name] if rows is None else model[info.name][rows[0] : rows[1]]
+            exact = merged.reshape(block_shape(info, rows))  # float32: the merge before its output rounding
+            rounded = exact.to(built.dtype)  # what the exact merge writes
+            differ += int((built != rounded).sum())
+            worst = max(worst, float((built.float() - rounded.float()).abs().max()))
+            ours += float((built.float() - exact).abs().double().sum())
+            rounding += float((rounded.float() - exact).abs().double().sum())
+            total += exact.numel()
+        inputs.close()
+        result.update(
+            {
+                "bf16_entries_differing_percent": round(100 * differ / total, 4),
+                "max_abs_difference": worst,  # against the exact merge's own bf16 output
+                "mean_abs_error": ours / total,  # against the float32 merge
+                "mean_abs_error_of_exact_bf16": rounding / total,  # the output rounding every bf16 merge has
+            }
+        )
+    return result
+
+
+def components_markdown(results: dict) -> str:
+    lines = [
+        f"Components of a {results['experts']}-expert search at {results['size']} parameters per model (bf16 checkpoints); candidate λ = {LAMBDAS}.",
+        "",
+        "| method | form | bytes/param on disk | compute s | build s | added memory bytes/param | outputs differing from the exact merge (bf16) "
+        "| max abs difference | mean abs error vs fp32 merge (exact merge's own bf16 rounding) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        stored = r["form"] == "stored"
+        differ = f"{r['bf16_entries_differing_percent']} %" if stored else "0 (the merge itself)"
+        error = f"{r['mean_abs_error']:.2e} ({r['mean_abs_error_of_exact_bf16']:.2e})" if stored else "—"
+        lines.append(
+            f"| {r['method']} | {r['form']} | {r['bytes_per_parameter']:.3f} | {r['compute_seconds']} | {r['build_seconds']} | "
+            f"{r['added_memory_bytes_per_parameter']:.3f} | {differ} | {r.get('max_abs_difference', 0.0):.2e} | {error} |"
+        )
     return "\n".join(lines) + "\n"
 
 

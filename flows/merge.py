@@ -24,7 +24,8 @@ from pipeline.settings import load_settings
 from tasks.evaluate import evaluate_checkpoint
 from tasks.fetch import fetch_checkpoint
 from tasks.merge import merge_checkpoint
-from tasks.track import finish_tracking, log_lineage, reap_dead_runs, register_model, start_tracking, track_results
+from tasks.report import publish_report
+from tasks.track import finish_tracking, log_lineage, log_lineage_views, reap_dead_runs, register_model, start_tracking, track_results
 from tasks.validate import validate_checkpoints
 
 
@@ -48,6 +49,7 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
     merge = config.merge_config()
     reap_dead_runs(config.experiment)  # runs a killed process left RUNNING: KILLED, their flow runs Crashed
     run_id = start_tracking(config.experiment, config.name or config.register_as or merge.method_name, tracked_params(config), prefect_tags("merge-flow"))
+    logger.info("tracking in MLflow run %s", run_id)
     status = "FAILED"
     try:
         fetched = fetch_checkpoint.map(config.references(), cache_dir=unmapped(cache_dir)).result()
@@ -71,6 +73,11 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
             log_lineage(run_id, lineage)
         else:
             logger.info(describe_registration(registered))
+        shown = {**lineage, "model": registered["uri"] if registered else merged.folder}
+        log_lineage_views(run_id, shown)
+        publish_report(
+            f"merge: {merge.method_name}", run_id, registered["uri"] if registered else None, merged.folder, table, shown, _registration_note(registered)
+        )
         status = "FINISHED"
     finally:
         finish_tracking(run_id, status)
@@ -82,6 +89,15 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
         model_uri=registered["uri"] if registered else None,
         scores=table,
     )
+
+
+def _registration_note(registered: dict[str, str] | None) -> str:
+    """One sentence for the run's page: which version it registered, or which one it matched by content."""
+    return _sentence(describe_registration(registered)) if registered else "Not registered (no `register_as`)."
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def _to_evaluate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], merged: MergedCheckpoint):

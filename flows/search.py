@@ -36,6 +36,7 @@ from pipeline.search_state import (
     new_search_state,
     resume_state,
     search_key,
+    stop_kind,
     tell_population,
 )
 from pipeline.settings import load_settings
@@ -43,10 +44,12 @@ from tasks.components import components_folder, compute_components
 from tasks.evaluate import evaluate_checkpoint
 from tasks.fetch import fetch_checkpoint
 from tasks.merge import merge_checkpoint, merge_layer_groups
+from tasks.report import publish_report
 from tasks.search import evaluate_candidate, load_search_state, save_search_state
 from tasks.track import (
     finish_tracking,
     log_lineage,
+    log_lineage_views,
     reap_dead_runs,
     register_model,
     reopen_tracking,
@@ -79,6 +82,8 @@ class SearchOutcome(BaseModel):
     build_seconds: float
     eval_seconds: float
     run_id: str
+    stopped: str | None = None  # why the search ended: budget | flat | converged | sigma (None: paused)
+    stop_reasons: dict[str, str | None] = {}  # ratio ("None" without a ratio grid) -> the full sentence
     folder: str | None = None
     model_uri: str | None = None
     test_scores: dict[str, float] = {}
@@ -91,7 +96,9 @@ class SearchOutcome(BaseModel):
             "best_fitness": self.best_fitness,
             "evaluations": self.evaluations,
             "rounds": self.rounds,
+            "stopped": self.stopped,
             "model": self.model_uri,
+            "test_scores": self.test_scores,
         }
 
 
@@ -192,6 +199,12 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
             logger.info(describe_registration(registered))
             if registered["matched"] != "true":  # a matched version keeps the tags of the search that made it
                 tag_model_version(registered["name"], registered["version"], _search_tags(config, outcome))
+        shown = {**lineage, "model": registered["uri"] if registered else merged.folder}
+        log_lineage_views(run_id, shown)
+        note = f"{outcome.evaluations} candidates in {outcome.rounds} rounds; best validation fitness {best.fitness:.4f}."
+        if registered is not None:
+            note += " " + describe_registration(registered) + "."
+        publish_report(f"search: {merge.method_name}", run_id, registered["uri"] if registered else None, merged.folder, {"merged": test_scores}, shown, note)
         status = "FINISHED"
     finally:
         finish_tracking(run_id, status)
@@ -225,7 +238,10 @@ def _rounds(states: list[SearchState]) -> int:
 def _outcome(states: list[SearchState], best: Candidate, run_id: str, finished: bool) -> SearchOutcome:
     rounds = [r for s in states for r in s.rounds]
     first = rounds[0].candidates[0]
+    holder = next((s for s in states if s.best is not None and s.best.ratio == best.ratio), states[-1])
     return SearchOutcome(
+        stopped=stop_kind(holder.stop) if finished else None,
+        stop_reasons={str(s.ratio): s.stop for s in states},
         finished=finished,
         lambdas=best.lambdas,
         ratio=best.ratio,
@@ -260,4 +276,5 @@ def _search_tags(config: SearchPipelineConfig, outcome: SearchOutcome) -> dict[s
         "pcbmerge.search.evaluations": str(outcome.evaluations),
         "pcbmerge.search.rounds": str(outcome.rounds),
         "pcbmerge.search.best_fitness": repr(outcome.best_fitness),
+        "pcbmerge.search.stopped": str(outcome.stopped),
     }

@@ -25,10 +25,12 @@ from pcbcore.errors import MergeInputError
 from pipeline.config import PipelineConfig
 from pipeline.discovery import DiscoveredCheckpoint, lineage_identity, merge_identity, reference_identity, same_checkpoint, source_kind
 from pipeline.registry import last_merge_lineage
+from pipeline.report import watch_markdown, watch_title
 from pipeline.search_config import SearchPipelineConfig
 from pipeline.settings import load_settings
 from pipeline.watch_config import WatchConfig
 from tasks.discover import discover_checkpoints
+from tasks.report import label_flow_run
 
 
 class WatchOutcome(BaseModel):
@@ -52,14 +54,18 @@ def watch_flow(config: WatchConfig) -> WatchOutcome:
     refs = [c.ref for c in found]
     logger.info("%s holds %d checkpoint(s): %s", config.source, len(found), ", ".join(refs) or "none")
     if len(found) < config.min_models:
-        return WatchOutcome(merged=False, model=None, inputs=refs, reason=f"{len(found)} checkpoint(s), fewer than min_models={config.min_models}")
+        reason = f"{len(found)} checkpoint(s), fewer than min_models={config.min_models}"
+        label_flow_run(watch_title(False, len(refs), None), ["no-change"], watch_markdown(config.source, refs, False, None, reason))
+        return WatchOutcome(merged=False, model=None, inputs=refs, reason=reason)
 
     last = last_merge_lineage(name)
     merge_config = pipeline_for(pipeline, found)
     searched = config.search is not None
     if last is not None and lineage_identity(last, searched) == wanted_identity(merge_config, found, searched):
         logger.info("nothing new since %s (same content and parameters); no merge", last["model"])
-        return WatchOutcome(merged=False, model=None, inputs=refs, reason=f"same checkpoints as {last['model']}")
+        reason = f"same checkpoints as {last['model']}"
+        label_flow_run(watch_title(False, len(refs), None), ["no-change"], watch_markdown(config.source, refs, False, last["model"], reason))
+        return WatchOutcome(merged=False, model=None, inputs=refs, reason=reason)
 
     logger.info("the set changed since %s; merging %d checkpoints", last["model"] if last else "the first merge", len(found))
     if config.search is not None:
@@ -71,7 +77,9 @@ def watch_flow(config: WatchConfig) -> WatchOutcome:
         from flows.merge import merge_flow
 
         model_uri = merge_flow(merge_config).model_uri
-    return WatchOutcome(merged=True, model=model_uri, inputs=refs, reason="first merge" if last is None else f"changed since {last['model']}")
+    reason = "first merge" if last is None else f"changed since {last['model']}"
+    label_flow_run(watch_title(True, len(found), model_uri), ["merged"], watch_markdown(config.source, refs, True, model_uri, reason))
+    return WatchOutcome(merged=True, model=model_uri, inputs=refs, reason=reason)
 
 
 def check_watch_config(config: WatchConfig) -> None:

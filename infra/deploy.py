@@ -5,6 +5,7 @@
 |---|---|---|---|
 | `merge-flow/merge` | `merge_flow` | `config: PipelineConfig` | none: run from the UI, the CLI or the API |
 | `search-flow/search` | `search_flow` | `config: SearchPipelineConfig`, `resume`, `stop_after_rounds` | none |
+| `tune-flow/tune` | `tune_flow` | `config: TunePipelineConfig`, `resume`, `stop_after_rounds` | none |
 | `watch-flow/watch` | `watch_flow` | `config: WatchConfig` | `--every` interval or `--cron`, one run at a time |
 
 Every parameter is a pydantic model, so Prefect publishes its JSON schema (titles, defaults, descriptions)
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.forms import form_parameters
 from pipeline.watch_config import WatchConfig
 
 TAGS = ["pcbmerge"]
@@ -49,9 +51,13 @@ def build_deployments(
     """RunnerDeployments for `prefect.serve`: merge and search always; watch when there is a source to watch.
     The search runs its candidates on the task runner the serving process's settings give (`infra/task_runners.py`)."""
     from flows.merge import merge_flow
+    from flows.tune import tune_flow
     from infra.entrypoints import search_flow
 
-    merge_params = {"config": merge_defaults.model_dump(mode="json")} if merge_defaults is not None else None
+    merge_params = None
+    if merge_defaults is not None:
+        form = merge_defaults.model_dump(mode="json")
+        merge_params = {"config": {**form, "parameters": form_parameters(form["merge_method"], form["parameters"])}}
     deployments = [
         merge_flow.to_deployment(
             name="merge",
@@ -62,6 +68,11 @@ def build_deployments(
         search_flow.to_deployment(
             name="search",
             description="Search the per-model coefficients with CMA-ES on the validation split, then merge, evaluate and register the best.",
+            tags=TAGS,
+        ),
+        tune_flow.to_deployment(
+            name="tune",
+            description="Tune every listed method with the same budget (grid, CMA-ES, re-scoring on validation), test each choice, register the winner.",
             tags=TAGS,
         ),
     ]

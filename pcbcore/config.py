@@ -12,11 +12,13 @@ defaults of each key:
     parameters: {normalize: true, lambda: 1.0, density: 0.7}   # also defaults for per-model keys
     dtype: bfloat16            # mergekit's working dtype: inputs are converted to it and merged in it
     out_dtype: bfloat16
-    tokenizer_source: base     # or a model path
+    tokenizer_source: union    # base | union | a model: the output vocabulary (`pcbcore.tokenizer`)
+    chat_template: auto        # auto | chatml | llama3 | alpaca | mistral | exaone | a Jinja template
 
 and mergekit's other forms: `slices:` of `sources:` with `layer_range` (`pcbcore.slices`), the base listed
 among `models` (with or without parameters), list-valued gradients and `filter:` conditions
-(`pcbcore.gradients`, resolved per tensor), a `parameters:` that YAML reads as null.
+(`pcbcore.gradients`, resolved per tensor), a `parameters:` that YAML reads as null, the `tokenizer:`
+block (`source`, `tokens`, `pad_to_multiple_of`), and `model+lora` references (`pcbcore.lora`).
 
 pcbmerge's own keys: PCB's `ratio`, `variant`, `scope`, `clip_quantile`; TIES's `scope`; DARE's `seed`;
 per-model `lambda` (the coefficient λ_i of SPEC eq. 1, default the top-level `lambda`, default 1);
@@ -29,15 +31,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pcbcore import gradients
+from pcbcore.chat_templates import TEMPLATES
 from pcbcore.errors import MergeInputError
 from pcbcore.lines import LinesParams
+from pcbcore.lora import split_reference
 from pcbcore.methods import METHODS, MergeMethod
 from pcbcore.methods.base import FrozenModel, ModelParams
 
@@ -58,8 +62,6 @@ ROUNDED_TASK_VECTOR_METHODS = frozenset({"task_arithmetic", "ties", "dare_linear
 # mergekit keys that pcbmerge does not implement: refused with a sentence rather than "unknown key".
 UNSUPPORTED_KEYS = {
     "modules": "per-module merges ('modules') are not supported; use 'models' or 'slices'",
-    "tokenizer": "the 'tokenizer' block is not supported; use 'tokenizer_source'",
-    "chat_template": "'chat_template' is not supported; the tokenizer source's template is copied",
 }
 
 
@@ -75,6 +77,69 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict, description="per-model parameters, e.g. {lambda: 1.1} or {weight: 2}")
 
     null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
+
+
+class EmbeddingSource(BaseModel):
+    """Where a token's embedding row comes from when a model lacks the token (mergekit's
+    `{kind: zero}` or `{kind: model_token, model, token_id | token}`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero", "model_token"] = Field(description="zero: a row of zeros; model_token: a given token's row of a given model")
+    model: str | None = Field(default=None, description="model_token: the model whose row is taken")
+    token_id: int | None = Field(default=None, ge=0, description="model_token: the row's index in that model")
+    token: str | None = Field(default=None, description="model_token: the token whose row is taken, in that model's vocabulary")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> EmbeddingSource:
+        if self.kind == "model_token":
+            if self.model is None:
+                raise ValueError("a 'model_token' source needs 'model'")
+            if (self.token_id is None) == (self.token is None):
+                raise ValueError("a 'model_token' source needs exactly one of 'token_id' and 'token'")
+        elif self.model is not None or self.token_id is not None or self.token is not None:
+            raise ValueError("a 'zero' source takes no 'model', 'token_id' or 'token'")
+        return self
+
+
+class TokenSetting(BaseModel):
+    """One entry of `tokenizer.tokens`: the token is added to the vocabulary if missing, and its embedding
+    rows come from `source` where a model lacks it (every model's, with `force`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str | EmbeddingSource | None = Field(default=None, description="a model (its row of this token), {kind: zero} or {kind: model_token, ...}")
+    force: bool = Field(default=False, description="use `source`'s row in every model, even those that have the token")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_form(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            try:
+                return EmbeddingSource.model_validate(value)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(err.get("msg", "is invalid").removeprefix("Value error, ")) from None
+        raise ValueError("must be a model, {kind: zero} or {kind: model_token, model: ..., token: ...}")
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's `tokenizer:` block: the output vocabulary and the embeddings of tokens a model lacks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = Field(default="union", description="union (every model's tokens), base, or a model whose tokenizer is used")
+    tokens: dict[str, TokenSetting] | None = Field(default=None, description="tokens to add or whose embeddings to set")
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, description="round the vocabulary up to a multiple of this (rows past the tokens: their mean)")
+
+
+@dataclass(frozen=True)
+class VocabularySpec:
+    """The output vocabulary a merge builds (mergekit builds one whenever `tokenizer_source` or `tokenizer`
+    is given): 'base', 'union' or a model reference, the `tokens` settings, the padding multiple."""
+
+    source: str
+    tokens: tuple[tuple[str, TokenSetting], ...] = ()
+    pad_to_multiple_of: int | None = None
 
 
 class SliceSource(BaseModel):
@@ -136,7 +201,11 @@ class RawMergeConfig(BaseModel):
         default=None, description="pcbmerge's opt-in: the dtype the maths runs in after the inputs are read in `dtype` (float32: more precise than mergekit)"
     )
     out_dtype: str | None = Field(default=None, description="dtype of the merged weights (default: the inputs' dtype)")
-    tokenizer_source: str | None = Field(default=None, description="where the tokenizer comes from (default: the base)")
+    tokenizer_source: str | None = Field(
+        default=None, description="base | union | a model: the output vocabulary, embeddings permuted into it (default: the base's tokenizer copied)"
+    )
+    tokenizer: TokenizerBlock | None = Field(default=None, description="mergekit's tokenizer block: source, tokens, pad_to_multiple_of")
+    chat_template: str | None = Field(default=None, description=f"auto (the inputs' most common), a name ({', '.join(sorted(TEMPLATES))}) or a Jinja template")
     allow_pickle: bool = Field(default=False, description="accept pickle checkpoints (loaded with weights_only=True)")
     name: str | None = Field(default=None, description="a name for the merge")
     lines: LinesParams | None = Field(default=None, description="LiNeS scaling of the merged task vector: α at the first layer, α+β at the last")
@@ -172,6 +241,10 @@ class MergeConfig(BaseModel):
     per_tensor: bool = False
     # λ_i set by `with_lambdas` (the search), above whatever the file says.
     lambda_override: tuple[float, ...] | None = None
+    # The output vocabulary to build and permute the embeddings into (None: the tokenizer is copied).
+    vocabulary: VocabularySpec | None = None
+    # The chat template to write: 'auto' (chosen from the inputs when the merge is written) or its text.
+    chat_template: str | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -214,17 +287,30 @@ class MergeConfig(BaseModel):
         return self.model_copy(update={"model_params": params, "lambda_override": tuple(float(x) for x in lambdas)})
 
     def with_paths(self, resolve) -> MergeConfig:
-        """The same merge with every model reference replaced by `resolve(ref)` (a local folder)."""
+        """The same merge with every model reference replaced by `resolve(ref)` (a local folder); a
+        `model+lora` reference has its two parts resolved."""
+        resolve_one = resolve
+
+        def resolve(ref: str) -> str:
+            model, lora = split_reference(ref)
+            return str(resolve_one(ref)) if lora is None else f"{resolve_one(model)}+{resolve_one(lora)}"
+
         slices = tuple(
             SliceSpec(tuple(SourceSpec(str(resolve(s.model)), s.layer_range, s.parameters, s.where) for s in spec.sources), spec.parameters, spec.where)
             for spec in self.slices
         )
+        vocabulary = self.vocabulary
+        if vocabulary is not None:
+            tokens = tuple((token, _resolved_setting(setting, resolve)) for token, setting in vocabulary.tokens)
+            source = vocabulary.source if vocabulary.source in ("base", "union") else str(resolve(vocabulary.source))
+            vocabulary = VocabularySpec(source, tokens, vocabulary.pad_to_multiple_of)
         return self.model_copy(
             update={
                 "base_model": str(resolve(self.base_model)),
                 "models": tuple(str(resolve(m)) for m in self.models),
                 "tokenizer_source": str(resolve(self.tokenizer_source)),
                 "slices": slices,
+                "vocabulary": vocabulary,
             }
         )
 
@@ -238,6 +324,16 @@ class MergeConfig(BaseModel):
             "out_dtype": str(self.out_dtype).removeprefix("torch.") if self.out_dtype else None,
             **({"lines": self.raw.lines.model_dump()} if self.raw.lines else {}),
         }
+
+
+def _resolved_setting(setting: TokenSetting, resolve) -> TokenSetting:
+    """A token setting with its model reference (if any) replaced by `resolve(ref)`."""
+    source = setting.source
+    if isinstance(source, str):
+        return setting.model_copy(update={"source": str(resolve(source))})
+    if isinstance(source, EmbeddingSource) and source.model is not None:
+        return setting.model_copy(update={"source": source.model_copy(update={"model": str(resolve(source.model))})})
+    return setting
 
 
 def error_sentence(source: str, where: str, err: dict) -> str:
@@ -371,7 +467,7 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     if varies and raw.parameters.get("scope") == "model":
         raise MergeInputError(f"{source}: gradients and 'filter' parameters differ per tensor, which needs 'parameters.scope: tensor' (not model)")
 
-    base = raw.base_model
+    base = raw.base_model if raw.base_model is None else _model_ref(raw.base_model, "base_model", source)
     zero_base = False
     named = list(dict.fromkeys(s.model for spec in specs for s in spec.sources))
     if base is None:
@@ -426,9 +522,9 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     # mergekit's task-arithmetic family subtracts θ_i − θ_pre in the working dtype; linear (and the methods
     # on the weights themselves) compute from the converted weights in float32 and round only the result.
     round_task_vectors = round_dtype is not None and raw.merge_method in ROUNDED_TASK_VECTOR_METHODS
-    tokenizer_source = raw.tokenizer_source or "base"
-    if tokenizer_source == "union":
-        raise MergeInputError(f"{source}: key 'tokenizer_source': 'union' is not supported; use 'base' or a model path")
+    vocabulary = _vocabulary(raw, source, base, named)
+    # The folder whose tokenizer files the output starts from (a union starts from the base's).
+    tokenizer_source = base if vocabulary is None or vocabulary.source in ("base", "union") else vocabulary.source
     return MergeConfig(
         raw=raw,
         method_name=raw.merge_method,
@@ -437,7 +533,7 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         params=params,
         model_params=tuple(model_params),
         out_dtype=out_dtype,
-        tokenizer_source=base if tokenizer_source == "base" else tokenizer_source,
+        tokenizer_source=tokenizer_source,
         source=source,
         slices=tuple(specs),
         zero_base=zero_base,
@@ -445,13 +541,47 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         round_dtype=round_dtype,
         round_task_vectors=round_task_vectors,
         per_tensor=varies,
+        vocabulary=vocabulary,
+        chat_template=_chat_template(raw.chat_template, source),
     )
 
 
+def _vocabulary(raw: RawMergeConfig, source: str, base: str, named: list[str]) -> VocabularySpec | None:
+    """The output vocabulary the file asks for (`tokenizer_source` or the `tokenizer` block), checked:
+    every model a token's embedding comes from must be one of the merge's models."""
+    if raw.tokenizer_source is not None and raw.tokenizer is not None:
+        raise MergeInputError(f"{source}: keys 'tokenizer_source' and 'tokenizer' are exclusive; give one of them (as in mergekit)")
+    if raw.tokenizer is None:
+        if raw.tokenizer_source is None:
+            return None
+        return VocabularySpec(_model_ref(raw.tokenizer_source, "tokenizer_source", source))
+    block = raw.tokenizer
+    models = [base, *named]
+    tokens = tuple((block.tokens or {}).items())
+    for token, setting in tokens:
+        ref = setting.source.model if isinstance(setting.source, EmbeddingSource) else setting.source
+        if ref is not None and ref not in models:
+            raise MergeInputError(f"{source}: key 'tokenizer.tokens.{token}.source' names model {ref!r}, which the merge does not use; use one of {models}")
+    return VocabularySpec(_model_ref(block.source, "tokenizer.source", source), tokens, block.pad_to_multiple_of)
+
+
+def _chat_template(value: str | None, source: str) -> str | None:
+    """mergekit's `chat_template`: 'auto', a template name, or a Jinja template given inline."""
+    if value is None or value == "auto":
+        return value
+    if len(value) < 256 and "\n" not in value and "{" not in value and value in TEMPLATES:
+        return TEMPLATES[value]
+    if len(value) < 20 or "{" not in value:
+        raise MergeInputError(f"{source}: key 'chat_template' must be 'auto', one of {sorted(TEMPLATES)} or a Jinja template (got {value!r})")
+    return value
+
+
 def _model_ref(ref: str, key: str, source: str) -> str:
-    """A model reference; mergekit's `model+lora` (a LoRA applied at load time) is refused by name."""
-    if "+" in ref and not Path(ref).exists():
-        raise MergeInputError(f"{source}: key '{key}': LoRA references ('model+lora', got {ref!r}) are not supported; merge the LoRA into its model first")
+    """A model reference: a model, or mergekit's `model+lora` (the LoRA applied as the model is read)."""
+    try:
+        split_reference(ref)
+    except MergeInputError as exc:
+        raise MergeInputError(f"{source}: key '{key}': {exc}") from None
     return ref
 
 

@@ -39,6 +39,7 @@ from pcbcore.methods.base import BaseWeights
 from pcbcore.selection import sample_columns
 from pcbcore.slices import resolve_job_params
 from pcbcore.stages import Block, ScopeFacts, Stats, combine_partial, row_spans
+from pcbcore.tokenizer import choose_chat_template, model_folder, set_vocab_size, write_chat_template, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -357,12 +358,18 @@ def merge_to_folder(
             for info in inputs.passthrough:
                 writer.write(info.name, inputs.read_copied(info.name))
             writer.close()
-            tokenizer_dir = Path(config.tokenizer_source)
-            copy_side_files(Path(config.base_model), tmp, config.out_dtype)
+            base_dir, tokenizer_dir = model_folder(config.base_model), model_folder(config.tokenizer_source)
+            copy_side_files(base_dir, tmp, config.out_dtype)
             if inputs.num_layers is not None:
                 set_layer_count(tmp / "config.json", inputs.num_layers)
-            if tokenizer_dir != Path(config.base_model):
+            if tokenizer_dir != base_dir:
                 copy_side_files(tokenizer_dir, tmp, None, tokenizer_only=True)
+            if inputs.vocabulary is not None:
+                write_tokenizer(inputs.vocabulary, tmp)
+                set_vocab_size(tmp / "config.json", inputs.vocabulary.rows)
+            template = choose_chat_template(config) if config.chat_template else None
+            if template is not None:
+                write_chat_template(template, tmp)
             write_model_card(config, tmp, config_text)
     finally:
         inputs.close()

@@ -13,9 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
-from pcbcore.checkpoint import CheckpointReader, TensorInfo
+from pcbcore.checkpoint import TensorInfo
 from pcbcore.config import MergeConfig
 from pcbcore.errors import MergeInputError
+from pcbcore.lora import open_model, split_reference
 
 
 class TensorReader(Protocol):
@@ -67,6 +68,8 @@ class MergeInputs:
     num_layers: int | None = None
     # Other opened checkpoints a slice reads from (neither the base nor one of `models`).
     extra_readers: list = field(default_factory=list)
+    # The output vocabulary the readers permute the embeddings into (`pcbcore.tokenizer`; None: none built).
+    vocabulary: Any = None
 
     @property
     def numel(self) -> int:
@@ -110,15 +113,51 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
     """Open the base and every model and check, before any heavy work, that their tensors line up; then
     resolve every tensor's parameters (gradients, filters), so a bad value is refused before any output."""
     from pcbcore.slices import plan_slices, resolve_job_params
+    from pcbcore.tokenizer import plan_vocabulary
 
     allow = config.raw.allow_pickle
-    if config.zero_base or config.raw.slices:
-        return plan_slices(config, allow)
-    base = CheckpointReader(config.base_model, allow_pickle=allow)
-    models = [CheckpointReader(m, allow_pickle=allow) for m in config.models]
-    base_folder = Path(config.base_model).resolve()
-    same = frozenset(i for i, m in enumerate(config.models) if Path(m).resolve() == base_folder)
-    return resolve_job_params(config, plan_inputs(base, models, same))
+    vocabulary = plan_vocabulary(config)
+    opened: dict[str, TensorReader] = {}
+
+    def open_reader(ref: str) -> TensorReader:
+        """The reader of a model reference (a LoRA applied, the vocabulary permuted), once per reference."""
+        if ref not in opened:
+            try:
+                reader = open_model(ref, allow)
+            except MergeInputError as exc:
+                if split_reference(ref)[1] is None:
+                    raise
+                raise MergeInputError(f"{config.source}: key '{_key_of(config, ref)}': {exc}") from None  # a LoRA: say which entry
+            opened[ref] = reader if vocabulary is None else vocabulary.wrap(ref, reader)
+        return opened[ref]
+
+    try:
+        if config.zero_base or config.raw.slices:
+            inputs = plan_slices(config, allow, open_reader)
+        else:
+            base = open_reader(config.base_model)
+            models = [open_reader(m) for m in config.models]
+            same = frozenset(i for i, m in enumerate(config.models) if m == config.base_model or _same_folder(m, config.base_model))
+            inputs = resolve_job_params(config, plan_inputs(base, models, same))
+    except BaseException:
+        for reader in opened.values():
+            reader.close()
+        raise
+    inputs.vocabulary = vocabulary
+    return inputs
+
+
+def _key_of(config: MergeConfig, ref: str) -> str:
+    """The key of the file that names `ref` first (`base_model`, `models[2].model`, `slices[0].sources[1].model`)."""
+    if ref == config.base_model and config.raw.base_model is not None:
+        return "base_model"
+    return next((f"{s.where}.model" for spec in config.slices for s in spec.sources if s.model == ref), "models")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two plain model references are the same folder (a LoRA reference is its own model)."""
+    (folder_a, lora_a), (folder_b, lora_b) = split_reference(a), split_reference(b)
+    return lora_a is None and lora_b is None and Path(folder_a).resolve() == Path(folder_b).resolve()
 
 
 class StateDictReader:

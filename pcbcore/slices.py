@@ -66,14 +66,15 @@ def resolve_job_params(config: MergeConfig, inputs: MergeInputs) -> MergeInputs:
     return inputs
 
 
-def plan_slices(config: MergeConfig, allow_pickle: bool) -> MergeInputs:
-    """Open every model a slice names and plan each output tensor's inputs, checking before any heavy work
-    that every input tensor exists with the same shape."""
+def plan_slices(config: MergeConfig, allow_pickle: bool, open_reader=None) -> MergeInputs:
+    """Open every model a slice names (through `open_reader(ref)` when given: LoRA and vocabulary
+    applied) and plan each output tensor's inputs, checking before any heavy work that every input
+    tensor exists with the same shape."""
     readers: dict[str, CheckpointReader] = {}
 
     def reader_of(model: str) -> CheckpointReader:
         if model not in readers:
-            readers[model] = CheckpointReader(model, allow_pickle=allow_pickle)
+            readers[model] = open_reader(model) if open_reader is not None else CheckpointReader(model, allow_pickle=allow_pickle)
         return readers[model]
 
     try:

@@ -15,6 +15,7 @@ import sys
 
 from pcbcore.errors import MergeInputError
 from pcbcore.memory import restart_with_malloc_settings
+from pcbmerge import console
 
 # One line per subcommand module, in the order `--help` lists them.
 COMMANDS = [
@@ -25,6 +26,7 @@ COMMANDS = [
     "pcbmerge.commands.run",
     "pcbmerge.commands.lineage",
     "pcbmerge.commands.search",
+    "pcbmerge.commands.tune",
     "pcbmerge.commands.up",
     "pcbmerge.commands.watch",
     "pcbmerge.commands.serve",
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that merge: run as the `pcbmerge` command, they restart once with glibc's malloc tuned for
 # block-sized temporaries (`pcbcore.memory`).
-MERGING = {"merge", "run", "search", "demo", "watch"}
+MERGING = {"merge", "run", "search", "tune", "demo", "watch"}
 # Subcommands whose work is done when their handler returns (no background threads, servers or atexit
 # duties): run as the `pcbmerge` command, they end with os._exit once their output is flushed, skipping
 # the interpreter's teardown of torch's modules (~0.25 s of a 2 s merge of a small model).
@@ -50,25 +52,32 @@ QUICK_EXIT = {"merge"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.environment import quiet_defaults
-
     if argv is None:  # the command line, not a caller's list
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
         if command in MERGING:
             restart_with_malloc_settings("pcbmerge", sys.argv[1:])
 
-    quiet_defaults()
+    words = sys.argv[1:] if argv is None else argv
+    console.configure(verbose=any(w in ("-v", "--verbose") for w in words))  # before the commands import their libraries
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
     try:
         code = int(args.func(args) or 0)
     except MergeInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except Exception as exc:  # noqa: BLE001 - only the unreachable-service case is ours to word; the rest re-raises
+        from pipeline.retry import is_transient
+        from pipeline.settings import load_settings
+
+        if not is_transient(exc):
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        print(
+            f"error: a service did not answer after retries ({type(exc).__name__}: {reason}); check the MLflow tracking store "
+            f"{load_settings().tracking_uri} and the Prefect API, then run the same command again: finished steps are reused",
+            file=sys.stderr,
+        )
+        code = 3
     if argv is None and args.command in QUICK_EXIT:
         end_now(code)
     return code

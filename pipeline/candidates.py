@@ -23,12 +23,22 @@ log = logging.getLogger(__name__)
 
 
 def build_candidate(model: Any, components: StoredComponents, lambdas: list[float], groups: int = 1) -> None:
-    """Load θ_pre + Σ λ_i C_i into `model` in place (tied weights stay tied: only the file's keys load)."""
-    weights = components.state_dict(lambdas, groups=groups)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {name for name in missing if name not in weights and _is_tied(model, name)}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"components do not fit the model: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+    """Load θ_pre + Σ λ_i C_i into `model` in place, one tensor at a time (never a second whole model in
+    memory); tied weights stay tied: only the file's keys load."""
+    import torch
+
+    targets = model.state_dict()  # tensors sharing the parameters' storage
+    loaded, unexpected = set(), []
+    with torch.no_grad():
+        for name, tensor in components.tensors(lambdas, groups=groups):
+            if name not in targets:
+                unexpected.append(name)
+                continue
+            targets[name].copy_(tensor)
+            loaded.add(name)
+    missing = {name for name in targets if name not in loaded and not _is_tied(model, name)}
+    if unexpected or missing:
+        raise RuntimeError(f"components do not fit the model: missing {sorted(missing)}, unexpected {unexpected}")
 
 
 def _is_tied(model: Any, name: str) -> bool:
@@ -37,6 +47,9 @@ def _is_tied(model: Any, name: str) -> bool:
 
 def candidate_key(request: CandidateRequest) -> str:
     fitness = [request.tasks, request.split, request.limit, request.weights, task_files(request.include_path), LM_EVAL_VERSION]
+    options = {"dtype": request.dtype, "apply_chat_template": request.apply_chat_template, "fewshot_as_multiturn": request.fewshot_as_multiturn}
+    if options != {"dtype": "auto", "apply_chat_template": False, "fewshot_as_multiturn": True}:  # the defaults keep the old keys
+        fitness.append(options)
     genome = [float(x) for x in request.lambdas]
     return "candidate-" + digest([request.components_key, genome if request.layer_groups == 1 else [request.layer_groups, genome], fitness])
 
@@ -47,7 +60,7 @@ def score_candidate(request: CandidateRequest) -> CandidateScore:
     cache = worker_pool()
     components = cache.stored(request.components_folder, device)
     base_dir = str(components.base_dir)
-    pair = cache.take_model(base_dir, request.tokenizer_folder, device)
+    pair = cache.take_model(base_dir, request.tokenizer_folder, device, request.dtype)
     try:
         started = time.perf_counter()
         build_candidate(pair[0], components, request.lambdas, request.layer_groups)
@@ -62,10 +75,12 @@ def score_candidate(request: CandidateRequest) -> CandidateScore:
             device=device,
             batch_size=request.batch_size,
             cache_dir=Path(request.cache_dir) / "eval",
+            apply_chat_template=request.apply_chat_template,
+            fewshot_as_multiturn=request.fewshot_as_multiturn,
         )
         evaluated = time.perf_counter()
     finally:
-        cache.give_back(base_dir, request.tokenizer_folder, device, pair)
+        cache.give_back(base_dir, request.tokenizer_folder, device, pair, request.dtype)
     scores = {name: score.value for name, score in result.scores.items()}
     fitness = fitness_of(scores, request.weights)
     log.info("λ=%s fitness %.4f (build %.3fs, evaluate %.2fs)", format_lambdas(request.lambdas), fitness, built - started, evaluated - built)

@@ -25,10 +25,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pcbcore.config import MergeConfig, RawMergeConfig, error_sentence, parse_merge_config, read_yaml
 from pcbcore.errors import MergeInputError
+from pipeline.forms import (
+    MethodName,
+    check_parameters,
+    method_dependent_schema,
+    method_parameters_schema,
+    model_entry_schema,
+    optional_block_check,
+    optional_block_schema,
+)
 
 MERGE_KEYS = tuple(RawMergeConfig.model_fields)
 REGISTRY_NAME_FORBIDS = ("/", "@", ":", ".", "%", '"', "'")
@@ -45,13 +54,29 @@ class EvaluationConfig(BaseModel):
     limit: int | None = Field(default=None, gt=0, description="at most this many examples per task")
     baselines: bool = Field(default=False, description="also evaluate the base and every input model")
     batch_size: int = Field(default=16, gt=0, description="lm-eval batch size")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="precision to score in (auto: the checkpoint's; float32 scores a bf16 merge without bf16 arithmetic)"
+    )
+    apply_chat_template: bool | str = Field(default=False, description="lm-eval: wrap prompts in the tokenizer's chat template (or the named one)")
+    fewshot_as_multiturn: bool = Field(default=True, description="lm-eval: with a chat template, few-shot examples as a multi-turn conversation")
+
+
+def pipeline_form(schema: dict[str, Any], cls: type | None = None) -> None:
+    """The form of a pipeline config (`pipeline.forms`): `merge_method` a select, typed per-method
+    `parameters` and per-model keys, and the strict checks that name the field at fault."""
+    properties = schema["properties"]
+    properties["parameters"] = method_parameters_schema()
+    properties["models"] = model_entry_schema(properties["models"]["description"])
+    properties["evaluation"] = optional_block_schema(EvaluationConfig, properties["evaluation"]["description"])
+    schema["dependentSchemas"] = {"merge_method": method_dependent_schema(), "evaluation": optional_block_check("evaluation", EvaluationConfig)}
 
 
 class PipelineConfig(RawMergeConfig):
     """One merge run: what to merge and how (mergekit keys), how to score it, where to register it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=pipeline_form)
 
+    merge_method: MethodName = Field(description="the merge method: " + " | ".join(MethodName.__args__))
     name: str | None = Field(default=None, description="a name for the MLflow run (default: register_as or the method)")
     evaluation: EvaluationConfig | None = Field(default=None, description="lm-eval tasks that score the merge (optional)")
     register_as: str | None = Field(default=None, description="MLflow registered model name")
@@ -59,6 +84,18 @@ class PipelineConfig(RawMergeConfig):
     output: str | None = Field(default=None, description="output folder (default: content-keyed cache folder)")
     overwrite: bool = Field(default=False, description="replace an existing output folder made by another merge")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_paths(cls, data: Any) -> Any:
+        # A config from a form or the API: its relative local paths are taken from the working folder.
+        return absolute_paths(data) if isinstance(data, dict) else data
+
+    @field_validator("parameters")
+    @classmethod
+    def _method_parameters(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        check_parameters(info.data.get("merge_method"), value)
+        return value
 
     @field_validator("register_as")
     @classmethod
@@ -86,12 +123,26 @@ class PipelineConfig(RawMergeConfig):
         return list(dict.fromkeys(refs))
 
 
+def check_pipeline_merge(merge: MergeConfig, source: str) -> None:
+    """What `pcbmerge merge` runs but the pipeline cannot yet: it fetches, fingerprints and records whole
+    checkpoints, so a `model+lora` reference (an adapter applied at load time) is refused here, naming it."""
+    from pcbcore.lora import split_reference
+
+    for key, ref in [("base_model", merge.base_model), *(("models", ref) for ref in merge.models)]:
+        if split_reference(ref)[1] is not None:
+            raise MergeInputError(
+                f"{source}: key '{key}': the model+lora reference '{ref}' runs with `pcbmerge merge` only; the pipeline fetches "
+                "whole checkpoints: merge the adapter into its model first (pcbmerge merge) and name that folder"
+            )
+
+
 def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
     """Validate a mapping into a `PipelineConfig`; errors name `source` and the key at fault."""
     if not isinstance(data, dict):
         raise MergeInputError(f"{source}: a pipeline config must be a YAML mapping with 'merge_method', 'base_model' and 'models'")
     merge_part = {k: v for k, v in data.items() if k in MERGE_KEYS}
-    parse_merge_config(merge_part, source=source)  # the merge keys' own, precise messages first
+    merge = parse_merge_config(merge_part, source=source)  # the merge keys' own, precise messages first
+    check_pipeline_merge(merge, source)
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -106,32 +157,52 @@ def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline YAML; relative local model paths resolve against the YAML's folder."""
+    """Read and validate a pipeline YAML; relative local paths resolve against the working folder, else the YAML's."""
     return parse_pipeline_config(read_config_yaml(path), source=str(path))
 
 
 def read_config_yaml(path: str | Path) -> Any:
-    """A pipeline, search or watch YAML as data, its relative local model paths resolved against its folder."""
+    """A pipeline, search or watch YAML as data, its relative local paths made absolute (`absolute_paths`)."""
     data = read_yaml(path)
-    return _anchor_local_paths(data, Path(path).parent.resolve()) if isinstance(data, dict) else data
+    return absolute_paths(data, Path(path).parent.resolve()) if isinstance(data, dict) else data
 
 
-def _anchor_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Relative references that name an existing folder beside the config become absolute paths."""
+# `tokenizer_source` words that are not paths.
+TOKENIZER_WORDS = ("base", "union")
+
+
+def absolute_paths(data: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """Every local path of a config as an absolute path, so lineage, cache keys and the watch name a folder
+    the same way whatever the working folder.
+
+    A reference that names an existing file or folder — from the working folder, else from `root` (the
+    YAML's folder) — becomes absolute; anything else is left as written: a Hub id `org/name`, a `models:/`
+    URI, or a path that does not exist (refused later with its own message). `output` is a folder to
+    create, so a relative one is taken from the working folder, as it was before it was made absolute."""
 
     def anchor(ref: Any) -> Any:
-        if not isinstance(ref, str) or ref.startswith("models:/") or Path(ref).expanduser().is_absolute():
+        if not isinstance(ref, str) or not ref or ref.startswith("models:/"):
             return ref
-        beside = root / ref
-        return str(beside) if beside.exists() and not Path(ref).exists() else ref
+        path = Path(ref).expanduser()
+        if path.is_absolute():
+            return str(path)
+        for candidate in (path, *([root / path] if root is not None else [])):
+            if candidate.exists():
+                return str(candidate.resolve())
+        return ref
 
     data = dict(data)
-    for key in ("base_model", "tokenizer_source"):
-        if key in data:
-            data[key] = anchor(data[key])
+    if "base_model" in data:
+        data["base_model"] = anchor(data["base_model"])
+    if data.get("tokenizer_source") not in TOKENIZER_WORDS:
+        data["tokenizer_source"] = anchor(data.get("tokenizer_source"))
+        if data["tokenizer_source"] is None:
+            del data["tokenizer_source"]
     if isinstance(data.get("models"), list):
         data["models"] = [{**m, "model": anchor(m.get("model"))} if isinstance(m, dict) else m for m in data["models"]]
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("include_path"), str):
         data["evaluation"] = {**evaluation, "include_path": anchor(evaluation["include_path"])}
+    if isinstance(data.get("output"), str) and data["output"]:
+        data["output"] = str(Path(data["output"]).expanduser().resolve())
     return data

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig, parse_pipeline_config
 from pipeline.search_config import SearchPipelineConfig, parse_search_config
+from pipeline.tune_config import TunePipelineConfig, parse_tune_config
 
 # (label, merge_method, parameters). One global λ per method, the usual values from each paper for a
 # handful of tasks; a CMA-ES search over per-model λ on validation data is the search flow's job.
@@ -67,4 +68,31 @@ def demo_search_config(zoo, work: Path, size: str, limit: int | None) -> SearchP
             "name": "demo pcb + CMA-ES",
         },
         source="demo:pcb (release) + CMA-ES",
+    )
+
+
+# The demo's tuner (`pcbmerge demo`): every default method with its default grid and one budget each; the
+# search slice is the first half of each validation split, the re-scoring all of it. Sized to take a few
+# minutes on two cores for the demo zoo (its validation splits hold 100 examples a task).
+DEMO_TUNE = {"budget": 36, "limit": 50, "top_k": 3, "seed": 0, "report_defaults": True, "workers": 2}
+
+
+def demo_tune_config(zoo, work: Path, size: str, limit: int | None, budget: int | None = None) -> TunePipelineConfig:
+    """The tuned comparison: each method's default setting and its tuned choice on the test split."""
+    tune = {**DEMO_TUNE, **({"budget": budget} if budget else {})}
+    if size == "micro":  # 32 validation examples a task
+        tune["limit"] = 16
+    return parse_tune_config(
+        {
+            "base_model": str(zoo.base),
+            "models": [{"model": str(zoo.experts[task])} for task in zoo.tasks],
+            "evaluation": {"tasks": zoo.tasks, "include_path": str(zoo.task_dir), "split": "test", "limit": limit, "baselines": True},
+            "tune": tune,
+            "register_as": f"demo-{size}-tuned",
+            "experiment": "pcbmerge-demo",
+            "output": str(work / f"merged-{size}" / "tuned-winner"),
+            "overwrite": True,
+            "name": "demo tuner",
+        },
+        source="demo:tune",
     )

@@ -10,8 +10,13 @@ labelled test data, their validation split); `split="validation"` points the loa
 at its validation split before evaluating, so one task name serves the search (validation) and the final
 report (test) without generating two YAMLs per task.
 
-Cache (`pipeline.result_cache`): one JSON file per (model, tokenizer, task, split, limit, few-shot, lm-eval
-version) under `cache_dir`; a hit never calls the harness. A task's identity is its YAML text plus the bytes of its
+Precision and prompts: `dtype` casts the model before scoring (a bf16 checkpoint scored in float32: the
+weights are the bf16 ones, the arithmetic is not); `apply_chat_template` and `fewshot_as_multiturn` are
+lm-eval's options for instruction-tuned models.
+
+Cache (`pipeline.result_cache`): one JSON file per (model, tokenizer, task, split, limit, few-shot, chat
+options, lm-eval version) under `cache_dir`; a `limit` at or above the split's size is the same request as
+no limit (the size is recorded the first time the task is run); a hit never calls the harness. A task's identity is its YAML text plus the bytes of its
 local data files for tasks under `include_path`, and its name for built-in tasks (their version is
 covered by the lm-eval version). HF datasets' Arrow cache is pointed into `cache_dir` too, so evaluation
 writes nowhere else.
@@ -32,13 +37,14 @@ from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
 from pipeline.environment import point_datasets_cache
 from pipeline.fingerprints import model_content_hash, tokenizer_hash
-from pipeline.result_cache import CACHE_SCHEMA, cache_folder, read_result, result_key, write_result
+from pipeline.result_cache import CACHE_SCHEMA, cache_folder, read_result, read_split_size, result_key, write_result, write_split_size
 from pipeline.scores import EvalResult, TaskScore
 
 log = logging.getLogger(__name__)
 
 LM_EVAL_VERSION = importlib.metadata.version("lm_eval")
 SPLITS = ("validation", "test")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def evaluate_model(
@@ -52,33 +58,46 @@ def evaluate_model(
     batch_size: int = 16,
     cache_dir: Path | None = None,
     num_fewshot: int | None = None,
+    dtype: str | None = None,
+    apply_chat_template: bool | str = False,
+    fewshot_as_multiturn: bool = True,
 ) -> EvalResult:
-    """Score an in-memory causal LM on lm-eval tasks; cached per task. Moves `model` to `device`.
+    """Score an in-memory causal LM on lm-eval tasks; cached per task. Moves `model` to `device` (and casts
+    it to `dtype` unless that is None or "auto").
 
     `cache_dir` defaults to `load_settings().cache_dir / "eval"`.
     """
     names = _check_request(tasks, split, limit, num_fewshot, batch_size)
     include = _check_include_path(include_path)
+    cast = _torch_dtype(dtype)
+    if cast is not None:
+        model.to(cast)
     cache = cache_folder(cache_dir)
     device = str(resolve_device(device))
     project = _project_tasks(include)
     base_key = {
         "schema": CACHE_SCHEMA,
-        "model": model_content_hash(model),
+        "model": model_content_hash(model),  # its dtype included: the same weights scored in float32 differ
         "tokenizer": tokenizer_hash(tokenizer),
         "split": split,
-        "limit": limit,
         "num_fewshot": num_fewshot,
         "lm_eval": LM_EVAL_VERSION,
     }
-    keys = {name: result_key(base_key, _task_identity(name, project)) for name in names}
+    if apply_chat_template:  # only then does multiturn mean anything; old entries keep their keys
+        base_key["chat"] = {"apply_chat_template": apply_chat_template, "fewshot_as_multiturn": fewshot_as_multiturn}
+    identities = {name: _task_identity(name, project) for name in names}
+    keys = {name: result_key({**base_key, "limit": _effective_limit(cache, identities[name], split, limit)}, identities[name]) for name in names}
     scores = {name: read_result(cache, keys[name]) for name in names}
     missing = [name for name in names if scores[name] is None]
     if missing:
         log.info("evaluating %s on %s split (%s)", ", ".join(missing), split, "no limit" if limit is None else f"limit {limit}")
-        fresh = _run_harness(model, tokenizer, missing, include, project, split, limit, device, batch_size, cache, num_fewshot)
+        chat = {"apply_chat_template": apply_chat_template, "fewshot_as_multiturn": fewshot_as_multiturn}
+        fresh, sizes = _run_harness(model, tokenizer, missing, include, project, split, limit, device, batch_size, cache, num_fewshot, chat)
         for name, score in fresh.items():
-            write_result(cache, keys[name], score, LM_EVAL_VERSION)
+            if name in sizes:
+                write_split_size(cache, {**identities[name], "lm_eval": LM_EVAL_VERSION}, split, sizes[name])
+            key = result_key({**base_key, "limit": _effective_limit(cache, identities[name], split, limit)}, identities[name])
+            write_result(cache, key, score, LM_EVAL_VERSION)
             scores[name] = score
     else:
         log.info("all %d task scores came from the cache", len(names))
@@ -87,19 +106,21 @@ def evaluate_model(
 
 def evaluate_path(model_dir: str | Path, tasks: list[str], **kwargs: Any) -> EvalResult:
     """Load a checkpoint folder with transformers (no remote code) and call `evaluate_model` on it."""
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, dtype=kwargs.get("dtype"))
     return evaluate_model(model, tokenizer, tasks, **kwargs)
 
 
-def load_model(model_dir: str | Path) -> tuple[Any, Any]:
-    """Model and tokenizer from a folder, or `MergeInputError` saying why transformers cannot load it."""
+def load_model(model_dir: str | Path, dtype: str | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer from a folder (in `dtype`; None or "auto": the checkpoint's own), or
+    `MergeInputError` saying why transformers cannot load it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():
         raise MergeInputError(f"model folder {folder} does not exist or is not a folder.")
+    cast = _torch_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **({"dtype": cast} if cast is not None else {}))
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
@@ -128,6 +149,26 @@ def _check_request(tasks: list[str], split: str, limit: int | None, num_fewshot:
     if batch_size <= 0:
         raise MergeInputError(f"batch_size must be positive, got {batch_size}.")
     return names
+
+
+def _torch_dtype(dtype: str | None) -> Any:
+    """The torch dtype to score in, or None to keep the model's own."""
+    if dtype is None or dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise MergeInputError(f"unknown evaluation dtype {dtype!r}; choose one of {list(DTYPES)}.")
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def _effective_limit(cache: Path, identity: dict[str, Any], split: str, limit: int | None) -> int | None:
+    """`limit`, or None when it covers the whole split (its size known from an earlier run): the same
+    examples are then one request, whichever way it was asked."""
+    if limit is None:
+        return None
+    size = read_split_size(cache, {**identity, "lm_eval": LM_EVAL_VERSION}, split)
+    return None if size is not None and limit >= size else limit
 
 
 def _check_include_path(include_path: str | Path | None) -> Path | None:
@@ -189,15 +230,16 @@ def _local_data_files(dataset_kwargs: dict) -> list[str]:
     return sorted(str(f) for f in files or [] if isinstance(f, str) and os.path.isfile(f))
 
 
-def _unknown_tasks_error(unknown: list[str], manager: Any, project: dict[str, Any]) -> MergeInputError:
+def _unknown_tasks_error(unknown: list[str], manager: Any, project: dict[str, Any], include: Path | None) -> MergeInputError:
     import difflib
 
     known = manager.all_tasks
     near = sorted({m for name in unknown for m in difflib.get_close_matches(name, known, n=3)})
     hint = f" Close matches: {near}." if near else ""
+    folder = f"the task folder {include} defines {sorted(project) or 'no tasks'} and " if include is not None else ""
     return MergeInputError(
-        f"unknown task(s) {unknown}; the task folder defines {sorted(project) or 'no tasks'} and lm-eval has "
-        f"{len(known)} tasks in all (list them with `lm-eval ls tasks`).{hint}"
+        f"unknown task(s) {unknown}; {folder}lm-eval has {len(known)} tasks in all (list them with `lm-eval ls tasks`; "
+        f"tasks of your own: give their folder as include_path).{hint}"
     )
 
 
@@ -216,7 +258,9 @@ def _run_harness(
     batch_size: int,
     cache: Path,
     num_fewshot: int | None,
-) -> dict[str, TaskScore]:
+    chat: dict[str, Any] | None = None,
+) -> tuple[dict[str, TaskScore], dict[str, int]]:
+    """The scores of `names`, and the size of each task's split (examples before `limit`)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import get_task_dict
@@ -226,12 +270,13 @@ def _run_harness(
     manager = _manager(include, include_defaults=not only_project)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
-        raise _unknown_tasks_error(unknown, manager, project)
+        raise _unknown_tasks_error(unknown, manager, project, include)
     try:
         task_dict = get_task_dict(names, manager)
     except (ConnectionError, FileNotFoundError, OSError) as exc:
         raise MergeInputError(f"the data of task(s) {names} could not be loaded (offline?): {exc}") from exc
     chosen = [_choose_split(name, task, split) for name, task in task_dict.items()]
+    sizes = {name: len(task.eval_docs) for name, task in task_dict.items() if isinstance(name, str) and hasattr(task, "eval_docs")}
 
     model.to(device)
     model.eval()
@@ -244,8 +289,9 @@ def _run_harness(
         task_manager=manager,
         log_samples=False,
         bootstrap_iters=1000,
+        **(chat or {}),
     )
-    return {name: _headline(name, output) for name in names}
+    return {name: _headline(name, output) for name in names}, sizes
 
 
 def _choose_split(name: Any, task: Any, split: str) -> Any:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.report import applicable_parameters, input_link, shared_model_parameters, short_revision
+
 LINEAGE_ARTIFACT = "lineage.json"
 MAX_TAG_CHARS = 5000
 
@@ -31,6 +33,7 @@ def lineage_node(config, inputs: dict, merged, run_id: str, flow_run_id: str | N
             {
                 "role": role,
                 "ref": ref,
+                "source": inputs[ref].source,
                 "revision": inputs[ref].revision,
                 "fingerprint": inputs[ref].fingerprint,
                 "registered": inputs[ref].registered.model_dump() if inputs[ref].registered else None,
@@ -43,28 +46,60 @@ def lineage_node(config, inputs: dict, merged, run_id: str, flow_run_id: str | N
 
 
 def lineage_tags(node: dict[str, Any]) -> dict[str, str]:
+    """Compact, searchable tags for a registered version: the method and only its parameters that apply
+    (`pcbmerge.param.<key>`, per-model keys too when every model shares the value), λ, the fingerprint, and
+    per input its role, ref, revision (where it has one), fingerprint, parameters and a link."""
+    method = str(node.get("method"))
+    params = applicable_parameters(method, node.get("parameters") or {})
     tags = {
-        "pcbmerge.method": str(node.get("method")),
-        "pcbmerge.parameters": json.dumps(node.get("parameters"), sort_keys=True),
+        "pcbmerge.method": method,
+        "pcbmerge.parameters": json.dumps(params, sort_keys=True),
         "pcbmerge.lambdas": json.dumps(node.get("lambdas")),
         "pcbmerge.run_id": str(node.get("run_id")),
         "pcbmerge.fingerprint": str(node.get("fingerprint")),
-        "prefect.flow_run_id": str(node.get("flow_run_id")),
     }
+    if node.get("flow_run_id"):
+        tags["prefect.flow_run_id"] = str(node["flow_run_id"])
+    for key, value in {**shared_model_parameters(node), **params}.items():
+        tags[f"pcbmerge.param.{key}"] = json.dumps(value)
+    tracking_uri = _tracking_uri()
     for k, item in enumerate(node.get("inputs", [])):
         prefix = f"pcbmerge.input.{k}"
         tags[f"{prefix}.role"] = item["role"]
         tags[f"{prefix}.ref"] = item["ref"]
-        tags[f"{prefix}.revision"] = str(item.get("revision"))
+        if item.get("revision"):
+            tags[f"{prefix}.revision"] = str(item["revision"])
         tags[f"{prefix}.fingerprint"] = item["fingerprint"]
+        if item.get("parameters"):
+            tags[f"{prefix}.parameters"] = json.dumps(item["parameters"], sort_keys=True)
         if item.get("registered"):
             tags[f"{prefix}.registered"] = f"models:/{item['registered']['name']}/{item['registered']['version']}"
+        link = input_link(item, tracking_uri)
+        if "](" in link:
+            tags[f"{prefix}.link"] = link.split("](", 1)[1].rstrip(")")
     return {k: v[:MAX_TAG_CHARS] for k, v in tags.items()}
 
 
 def lineage_description(node: dict[str, Any]) -> str:
-    lines = [f"Merged with `{node.get('method')}` {json.dumps(node.get('parameters'), sort_keys=True)}, λ = {node.get('lambdas')}.", ""]
+    """The version's description (markdown): method, its applicable parameters, λ, the inputs as links."""
+    method = str(node.get("method"))
+    params = {**shared_model_parameters(node), **applicable_parameters(method, node.get("parameters") or {})}
+    shown = ", ".join(f"{k} = {v}" for k, v in params.items())
+    lambdas = ", ".join(f"{float(x):.4g}" for x in node.get("lambdas") or [])
+    lines = [f"Merged with `{method}`" + (f" ({shown})" if shown else "") + f", λ = [{lambdas}].", ""]
+    tracking_uri = _tracking_uri()
     for item in node.get("inputs", []):
-        lines.append(f"- {item['role']}: `{item['ref']}` (revision {item.get('revision')}, sha256 {item['fingerprint'][:16]}…)")
-    lines += ["", f"MLflow run {node.get('run_id')}, Prefect flow run {node.get('flow_run_id')}."]
+        detail = ", ".join(x for x in (short_revision(item), f"sha256 {item['fingerprint'][:16]}…") if x)
+        lines.append(f"- {item['role']}: {input_link(item, tracking_uri)} ({detail})")
+    where = [f"MLflow run {node['run_id']}"] if node.get("run_id") else []
+    if node.get("flow_run_id"):
+        where.append(f"Prefect flow run {node['flow_run_id']}")
+    if where:
+        lines += ["", ", ".join(where) + "."]
     return "\n".join(lines)
+
+
+def _tracking_uri() -> str:
+    from pipeline.settings import load_settings
+
+    return load_settings().tracking_uri

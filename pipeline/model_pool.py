@@ -16,7 +16,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.components: dict[tuple[str, str], StoredComponents] = {}
-        self.free_models: dict[tuple[str, str, str], list[tuple[Any, Any]]] = {}
+        self.free_models: dict[tuple[str, str, str, str], list[tuple[Any, Any]]] = {}
 
     def stored(self, folder: str, device: str) -> StoredComponents:
         with self.lock:
@@ -24,23 +24,26 @@ class WorkerPool:
                 self.components[(folder, device)] = StoredComponents(folder, device=device)
             return self.components[(folder, device)]
 
-    def take_model(self, base_dir: str, tokenizer_dir: str, device: str) -> tuple[Any, Any]:
+    def take_model(self, base_dir: str, tokenizer_dir: str, device: str, dtype: str = "auto") -> tuple[Any, Any]:
+        """A model of the base's architecture in `dtype` (auto: the base checkpoint's), and the tokenizer."""
         # Loading under the lock: transformers' and lm-eval's lazy imports are not safe from parallel
         # threads (a race gives "cannot import name 'AutoModelForCausalLM'"), and one load at a time
         # bounds peak memory.
         with self.lock:
-            pool = self.free_models.setdefault((base_dir, tokenizer_dir, device), [])
+            pool = self.free_models.setdefault((base_dir, tokenizer_dir, device, dtype), [])
             if pool:
                 return pool.pop()
+            import torch
             from lm_eval.models.huggingface import HFLM  # noqa: F401  (imported once, here)
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False).to(device).eval()
+            cast = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False, **cast).to(device).eval()
             return model, AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
 
-    def give_back(self, base_dir: str, tokenizer_dir: str, device: str, pair: tuple[Any, Any]) -> None:
+    def give_back(self, base_dir: str, tokenizer_dir: str, device: str, pair: tuple[Any, Any], dtype: str = "auto") -> None:
         with self.lock:
-            self.free_models.setdefault((base_dir, tokenizer_dir, device), []).append(pair)
+            self.free_models.setdefault((base_dir, tokenizer_dir, device, dtype), []).append(pair)
 
 
 _POOL = WorkerPool()

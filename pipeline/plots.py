@@ -9,6 +9,8 @@ from typing import Any
 
 from pipeline.tables import Scores, task_names
 
+ZERO_BAR = 0.006  # the height a 0 score is drawn with, on the 0-1 axis
+
 
 def convergence_png(rounds: list[dict[str, Any]], model_labels: list[str]) -> bytes:
     """PNG bytes. `rounds` are `RoundRecord` dumps in search order (over every PCB ratio, one after another)."""
@@ -51,6 +53,24 @@ def convergence_png(rounds: list[dict[str, Any]], model_labels: list[str]) -> by
     return buffer.getvalue()
 
 
+def draw_score_bars(ax, scores: Scores) -> list:
+    """One group of bars per task, one bar per model, each labelled with its value; returns the bar containers."""
+    tasks = task_names(scores)
+    labels = list(scores)
+    width = 0.8 / max(len(labels), 1)
+    containers = []
+    for k, label in enumerate(labels):
+        scored = [(t, scores[label][task]) for t, task in enumerate(tasks) if task in scores[label]]  # a missing score: no bar
+        xs = [t + (k - (len(labels) - 1) / 2) * width for t, _ in scored]
+        values = [v for _, v in scored]
+        # A score of 0 is drawn as a sliver, so it reads as "scored 0" rather than "not scored"; the label gives the value.
+        bars = ax.bar(xs, [max(v, ZERO_BAR) for v in values], width, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        containers.append(bars)
+    ax.set_xticks(range(len(tasks)), tasks)
+    return containers
+
+
 def bar_chart(scores: Scores, path: Path, title: str = "") -> Path:
     """Grouped bars: one group per task, one bar per model (merged vs experts vs base)."""
     import matplotlib
@@ -59,15 +79,10 @@ def bar_chart(scores: Scores, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     tasks = task_names(scores)
-    labels = list(scores)
-    width = 0.8 / max(len(labels), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
-    for k, label in enumerate(labels):
-        xs = [t + (k - (len(labels) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [scores[label].get(task, 0.0) for task in tasks], width, label=label)
-    ax.set_xticks(range(len(tasks)), tasks)
+    draw_score_bars(ax, scores)
     ax.set_ylabel("score")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

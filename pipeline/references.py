@@ -20,11 +20,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pcbcore.card import HUB_ID
 from pcbcore.errors import MergeInputError
 from pipeline import registry
 from pipeline.fingerprints import WEIGHT_SUFFIXES, combine_digests, fingerprint_files
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 class RegisteredModel(BaseModel):

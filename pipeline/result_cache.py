@@ -1,5 +1,7 @@
 """The evaluation result cache: one JSON file per (model, tokenizer, task, split, limit, few-shot, lm-eval
-version), written atomically, so a hit never calls the harness and parallel evaluations never read half a file."""
+version), written atomically, so a hit never calls the harness and parallel evaluations never read half a file.
+Beside them, the size of each (task, split) once it has been run, so that a `limit` at or above it is keyed
+as no limit."""
 
 from __future__ import annotations
 
@@ -47,7 +49,30 @@ def read_result(cache: Path, key: str) -> TaskScore | None:
 
 def write_result(cache: Path, key: str, score: TaskScore, lm_eval_version: str) -> None:
     """Write atomically (temp file + rename) so parallel evaluations never read half a file."""
-    path = cache / f"{key}.json"
+    _write_json(cache / f"{key}.json", {"lm_eval": lm_eval_version, "score": score.model_dump()})
+
+
+def _size_path(cache: Path, task_identity: dict[str, Any], split: str) -> Path:
+    key = hashlib.sha256(json.dumps({"schema": CACHE_SCHEMA, "task": task_identity, "split": split}, sort_keys=True).encode()).hexdigest()
+    return cache / "sizes" / f"{key}.json"
+
+
+def read_split_size(cache: Path, task_identity: dict[str, Any], split: str) -> int | None:
+    """The number of examples in the task's split, if a run has recorded it (the identity covers its data)."""
+    path = _size_path(cache, task_identity, split)
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["size"])
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError):
+        return None
+
+
+def write_split_size(cache: Path, task_identity: dict[str, Any], split: str, size: int) -> None:
+    path = _size_path(cache, task_identity, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"size": int(size)})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps({"lm_eval": lm_eval_version, "score": score.model_dump()}), encoding="utf-8")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
     tmp.replace(path)

@@ -17,7 +17,11 @@ def is_transient_tracking_error(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        return exc.error_code in {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"} or "database is locked" in str(exc)
+        text = str(exc)
+        # A server that is down or restarting: MLflow's HTTP client reports it as an INTERNAL_ERROR whose
+        # message carries the connection failure.
+        unreachable = text.startswith("API request to") and any(s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted"))
+        return exc.error_code in {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"} or "database is locked" in text or unreachable
     try:
         import requests
     except ImportError:  # pragma: no cover - requests comes with mlflow

@@ -37,7 +37,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pcbcore.errors import MergeInputError
-from pipeline.config import PipelineConfig, parse_pipeline_config, read_config_yaml
+from pipeline.config import PipelineConfig, parse_pipeline_config, pipeline_form, read_config_yaml
+from pipeline.forms import block_check, block_schema
 
 
 class SearchSettings(BaseModel):
@@ -108,8 +109,17 @@ class SearchSettings(BaseModel):
         return self.model_dump(mode="json", exclude={"budget", "workers", "dask_workers", "dask_address", "ratio"})
 
 
+def search_form(schema: dict[str, Any], cls: type | None = None) -> None:
+    """The pipeline's form plus the `search:` block, each of its fields checked where it stands."""
+    pipeline_form(schema, cls)
+    schema["properties"]["search"] = block_schema(SearchSettings, schema["properties"]["search"]["description"])
+    schema["dependentSchemas"]["search"] = block_check("search", SearchSettings)
+
+
 class SearchPipelineConfig(PipelineConfig):
     """A pipeline config whose λ are searched: `search_flow`'s parameter model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=search_form)
 
     search: SearchSettings = Field(default_factory=SearchSettings, description="CMA-ES settings: budget, population, bounds, seed, where candidates run")
 

@@ -43,6 +43,9 @@ class CandidateRequest(BaseModel):
     weights: dict[str, float] | None
     device: str
     cache_dir: str
+    dtype: str = "auto"  # evaluation.dtype: the precision the candidate is scored in
+    apply_chat_template: bool | str = False
+    fewshot_as_multiturn: bool = True
 
 
 class CandidateScore(BaseModel):
@@ -89,7 +92,8 @@ class SearchState(BaseModel):
     budget: int  # evaluations allowed for this ratio
     rounds: list[RoundRecord] = []
     best: Candidate | None = None
-    stop: str | None = None  # why the search of this ratio ended (None: not ended)
+    stop: str | None = None  # why the search of this ratio ended (None: not ended); its first word is `stop_kind`
+    start: list[float] = []  # the start genome: ties in fitness go to the candidate nearest it
 
     @property
     def evaluations(self) -> int:
@@ -107,12 +111,30 @@ def search_key(config: SearchPipelineConfig, ratio: float | None, components_key
     The budget is left out, so a finished search resumed with a larger budget goes on."""
     evaluation = config.evaluation
     fitness = [evaluation.tasks, task_files(evaluation.include_path), config.search.limit or evaluation.limit, LM_EVAL_VERSION]
+    options = evaluation.model_dump(include={"dtype", "apply_chat_template", "fewshot_as_multiturn"}, exclude_defaults=True)
+    if options:  # scoring options at their defaults keep the keys of searches saved before they existed
+        fitness.append(options)
     return digest([components_key, ratio, config.search.identity(), fitness])
 
 
 def budget_share(config: SearchPipelineConfig) -> int:
     """Evaluations per ratio: the budget split evenly over the ratio grid."""
     return max(1, config.search.budget // len(config.ratios()))
+
+
+# pycma's stops on the fitness values alone (a flat generation, a tiny fitness range, no improvement for a
+# while) are switched off: with a small validation split the fitness is coarse and a whole generation often
+# scores the same, which says nothing about the λ around it. The search ends on its budget, on flat fitness
+# by its own rule (`FLAT_ROUNDS`), or on pycma's stops on the search distribution (converged, sigma).
+FITNESS_STOPS_OFF = {"tolflatfitness": 10**9, "tolfun": 0, "tolfunhist": 0, "tolfunrel": 0, "tolstagnation": 10**9}
+FITNESS_STOPS = {"tolflatfitness", "tolfun", "tolfunhist", "tolfunrel", "tolstagnation", "maxfevals", "maxiter"}
+SIGMA_STOPS = {"tolupsigma", "tolfacupx"}  # the step size ran away: "sigma"; every other pycma stop: "converged"
+FLAT_ROUNDS = 3  # a search is flat once every candidate of this many full rounds in a row scored the same
+
+
+def stop_kind(stop: str | None) -> str | None:
+    """`budget`, `flat`, `converged` or `sigma` (None while the search goes on)."""
+    return None if stop is None else stop.split(":")[0].split()[0]
 
 
 def new_search_state(config: SearchPipelineConfig, ratio: float | None, components_key: str, run_id: str) -> SearchState:
@@ -129,6 +151,7 @@ def new_search_state(config: SearchPipelineConfig, ratio: float | None, componen
         "verbose": -9,
         "verb_log": 0,  # no ./outcmaes
         "verb_disp": 0,
+        **FITNESS_STOPS_OFF,
     }
     if search.popsize:
         options["popsize"] = search.popsize
@@ -141,6 +164,7 @@ def new_search_state(config: SearchPipelineConfig, ratio: float | None, componen
         cma_state=pickle.dumps(es),
         popsize=es.popsize,
         budget=budget_share(config),
+        start=[float(x) for x in start],
     )
 
 
@@ -149,23 +173,47 @@ def resume_state(state: SearchState, config: SearchPipelineConfig) -> SearchStat
     budget has been raised (the budget does not change the search's path, so it is not in its key)."""
     budget = budget_share(config)
     stop = state.stop
-    if stop is not None and stop.startswith("budget") and state.evaluations + state.popsize <= budget:
+    if stop_kind(stop) == "budget" and state.evaluations < budget:
         stop = None
+        rounds = state.rounds
+        if rounds and len(rounds[-1].candidates) < state.popsize:
+            # The last round was cut to the old budget and never told to CMA-ES (its state is from before
+            # that ask): drop it, so the round is asked again whole (its candidates come from the cache).
+            rounds = rounds[:-1]
+            kept = [c for r in rounds for c in r.candidates]
+            state = state.model_copy(update={"rounds": rounds, "best": best_candidate(kept, state.start) if kept else None})
     return state.model_copy(update={"budget": budget, "stop": stop})
 
 
 def ask_population(state: SearchState) -> tuple[Any, list[list[float]]]:
-    """The optimiser (unpickled from the state) and its next population of λ vectors."""
+    """The optimiser (unpickled from the state) and its next population of λ vectors, cut to the budget
+    left: the last round may be partial, so a search spends exactly its budget."""
     es = pickle.loads(state.cma_state)
-    return es, [[float(x) for x in candidate] for candidate in es.ask()]
+    population = [[float(x) for x in candidate] for candidate in es.ask()]
+    return es, population[: max(1, state.budget - state.evaluations)]
+
+
+def best_candidate(candidates: list[Candidate], start: list[float]) -> Candidate:
+    """The fittest; ties go to the candidate nearest the start (then to the earliest): with a coarse fitness
+    many λ score the same, and the start is the setting that was chosen for a reason."""
+
+    def distance(c: Candidate) -> float:
+        return sum((a - b) ** 2 for a, b in zip(c.lambdas, start)) if start else 0.0
+
+    return max(enumerate(candidates), key=lambda pair: (pair[1].fitness, -distance(pair[1]), -pair[0]))[1]
 
 
 def tell_population(state: SearchState, es: Any, population: list[list[float]], scores: list[CandidateScore], seconds: float) -> SearchState:
-    """Tell the fitnesses (cma minimises, so it gets −fitness); returns the state after this round."""
-    es.tell([np.asarray(x) for x in population], [-s.fitness for s in scores])
+    """Tell the fitnesses (cma minimises, so it gets −fitness); returns the state after this round.
+
+    A partial population (the budget's last round) is not told: the search ends with it, and its saved
+    CMA-ES state stays the one from before the ask, so a raised budget asks that round again whole."""
+    whole = len(population) == es.popsize
+    if whole:
+        es.tell([np.asarray(x) for x in population], [-s.fitness for s in scores])
     number = len(state.rounds)
     candidates = [Candidate(**s.model_dump(), round=number, index=i, ratio=state.ratio) for i, s in enumerate(scores)]
-    best = max([c for c in [state.best] if c is not None] + candidates, key=lambda c: c.fitness)
+    best = best_candidate([c for c in [state.best] if c is not None] + candidates, state.start)
     record = RoundRecord(
         round=number,
         ratio=state.ratio,
@@ -176,13 +224,29 @@ def tell_population(state: SearchState, es: Any, population: list[list[float]], 
         eval_seconds=sum(c.eval_seconds for c in candidates),
         seconds=seconds,
     )
+    rounds = [*state.rounds, record]
     done = state.evaluations + len(candidates)
     stop = None
-    if done + state.popsize > state.budget:
+    if done >= state.budget:
         stop = f"budget of {state.budget} evaluations"
-    elif es.stop():
-        stop = "cma: " + ", ".join(f"{k}={v}" for k, v in es.stop().items())
-    return state.model_copy(update={"cma_state": pickle.dumps(es), "rounds": [*state.rounds, record], "best": best, "stop": stop})
+    elif flat_rounds(rounds):
+        stop = f"flat: all {FLAT_ROUNDS * state.popsize} candidates of the last {FLAT_ROUNDS} rounds scored {record.mean_fitness:.4f}"
+    else:
+        stops = {k: v for k, v in es.stop().items() if k not in FITNESS_STOPS}
+        if stops:
+            kind = "sigma" if set(stops) & SIGMA_STOPS else "converged"
+            stop = f"{kind}: cma " + ", ".join(f"{k}={v}" for k, v in stops.items())
+    cma_state = pickle.dumps(es) if whole else state.cma_state
+    return state.model_copy(update={"cma_state": cma_state, "rounds": rounds, "best": best, "stop": stop})
+
+
+def flat_rounds(rounds: list[RoundRecord]) -> bool:
+    """Every candidate of the last `FLAT_ROUNDS` rounds scored exactly the same."""
+    last = rounds[-FLAT_ROUNDS:]
+    if len(last) < FLAT_ROUNDS:
+        return False
+    values = {c.fitness for r in last for c in r.candidates}
+    return len(values) == 1
 
 
 def candidate_requests(
@@ -204,6 +268,9 @@ def candidate_requests(
             weights=config.search.weights,
             device=device,
             cache_dir=cache_dir,
+            dtype=evaluation.dtype,
+            apply_chat_template=evaluation.apply_chat_template,
+            fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
         )
         for lambdas in population
     ]

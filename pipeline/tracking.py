@@ -19,6 +19,10 @@ from pipeline import plots, tables
 from pipeline.settings import load_settings
 
 MAX_TAG_CHARS = 5000
+# MLflow 3's UI opens an experiment by its kind: without one it guesses and may open the GenAI traces view;
+# "custom_model_development" opens the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # host:pid-start of the process that opened a run (`pcbcore.scratch.owner_tag`)
 OWNER_TAG = "pcbmerge.owner"
 MAX_PARAM_CHARS = 6000
@@ -47,11 +51,13 @@ def experiment_id(name: str) -> str:
     mlflow_client = client()
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
+        if (found.tags or {}).get(EXPERIMENT_KIND_TAG) is None:  # made before the kind was set, or by another tool
+            mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     uri = load_settings().tracking_uri
     location = None if uri.startswith(("http://", "https://")) else (load_settings().artifact_dir / name).as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:  # created meanwhile by a concurrent flow
         found = mlflow_client.get_experiment_by_name(name)
         if found is None:
@@ -127,6 +133,20 @@ def log_results(run_id: str, config_yaml: str, scores: dict[str, dict[str, float
             plots.bar_chart(scores, folder / "scores.png", title=tags.get("pcbmerge.method", ""))
         for path in sorted(folder.iterdir()):
             mlflow_client.log_artifact(run_id, str(path))
+
+
+def log_lineage_views(run_id: str, node: dict[str, Any]) -> None:
+    """The lineage as a picture (`lineage.png`, shown by the MLflow UI's artifact view) and as a mermaid graph
+    (`lineage.md`); `lineage.json` is the full node."""
+    from pipeline import report
+
+    mlflow_client = client()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        report.lineage_png(node, folder / "lineage.png")
+        (folder / "lineage.md").write_text("# Lineage\n\n" + report.lineage_mermaid(node))
+        for name in ("lineage.png", "lineage.md"):
+            mlflow_client.log_artifact(run_id, str(folder / name))
 
 
 def log_json(mlflow_client, run_id: str, data: dict[str, Any], name: str) -> None:

@@ -13,15 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pcbcore.errors import MergeInputError
 from pipeline.config import PipelineConfig, parse_pipeline_config, read_config_yaml
+from pipeline.forms import optional_block_check, optional_block_schema
 from pipeline.search_config import SearchSettings, parse_search_config
 
 PLACEHOLDERS = [{"model": "<from the watched source>"}, {"model": "<from the watched source, 2>"}]
 
 
+def watch_form(schema: dict, cls: type | None = None) -> None:
+    """The optional `search` block rendered as its fields, and checked at each of them."""
+    schema["properties"]["search"] = optional_block_schema(SearchSettings, schema["properties"]["search"]["description"])
+    schema["dependentSchemas"] = {"search": optional_block_check("search", SearchSettings)}
+
+
 class WatchConfig(BaseModel):
     """What to watch and the pipeline to run on what it holds (its `models` list is taken from the source)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=watch_form)
 
     source: str = Field(
         description="a folder whose sub-folders are checkpoints, a Hub repo id org/name (one checkpoint per branch), "

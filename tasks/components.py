@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from pcbcore.components import COMPONENTS_MANIFEST
+from pcbcore.components import COMPONENTS_FORMAT, COMPONENTS_MANIFEST
 from pcbcore.components import compute_components as store_components
 from pipeline.cache_keys import digest, merge_recipe
 from pipeline.config import PipelineConfig
@@ -26,7 +26,7 @@ class StoredComponentsRef(BaseModel):
 
 
 def components_folder(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], cache_dir: str) -> tuple[str, Path]:
-    key = digest(merge_recipe(config, inputs, with_lambdas=False))
+    key = digest({**merge_recipe(config, inputs, with_lambdas=False), "components_format": COMPONENTS_FORMAT})
     return key, Path(cache_dir) / "components" / key[:24]
 
 

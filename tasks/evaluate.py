@@ -20,7 +20,7 @@ EVAL_TIMEOUT_SECONDS = 4 * 3600
 
 def _eval_cache_key(context, parameters) -> str:
     evaluation: EvaluationConfig = parameters["evaluation"]
-    request = evaluation.model_dump(exclude={"batch_size", "baselines"})
+    request = evaluation.model_dump(exclude={"batch_size", "baselines"}, exclude_defaults=True)  # new options at their defaults keep old keys
     return "eval-" + digest([parameters["fingerprint"], request, task_files(evaluation.include_path), LM_EVAL_VERSION])
 
 
@@ -41,4 +41,7 @@ def evaluate_checkpoint(label: str, folder: str, fingerprint: str, evaluation: E
         device=device,
         batch_size=evaluation.batch_size,
         cache_dir=Path(cache_dir) / "eval",
+        dtype=evaluation.dtype,
+        apply_chat_template=evaluation.apply_chat_template,
+        fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
     )

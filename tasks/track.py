@@ -50,6 +50,12 @@ def log_lineage(run_id: str, lineage: dict[str, Any]) -> None:
     tracking.log_json(tracking.client(), run_id, lineage, LINEAGE_ARTIFACT)
 
 
+@task(name="track-lineage-views", **_TRACKING)
+def log_lineage_views(run_id: str, lineage: dict[str, Any]) -> None:
+    """`lineage.png` and `lineage.md` (a mermaid graph) on the run: the lineage to look at in the MLflow UI."""
+    tracking.log_lineage_views(run_id, lineage)
+
+
 @task(name="track-reopen", **_TRACKING)
 def reopen_tracking(run_id: str) -> None:
     """A resumed search goes on logging into the run it started."""

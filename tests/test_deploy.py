@@ -31,12 +31,13 @@ def pipeline(tmp_path):
     return parse_pipeline_config({"merge_method": "ties", "base_model": str(tmp_path), "models": [{"model": "a"}, {"model": "b"}], "register_as": "team"})
 
 
-def test_serve_declares_three_deployments_with_forms(pipeline, tmp_path):
+def test_serve_declares_the_deployments_with_forms(pipeline, tmp_path):
     from infra.deploy import build_deployments
 
     watch = WatchConfig(source=str(tmp_path), pipeline=pipeline)
     deployments = {d.name: d for d in build_deployments(pipeline, watch, interval=3600)}
-    assert {(n, d.flow_name) for n, d in deployments.items()} == {("merge", "merge-flow"), ("search", "search-flow"), ("watch", "watch-flow")}
+    expected = {("merge", "merge-flow"), ("search", "search-flow"), ("tune", "tune-flow"), ("watch", "watch-flow")}
+    assert {(n, d.flow_name) for n, d in deployments.items()} == expected
     assert deployments["merge"].parameters["config"]["register_as"] == "team"
     assert deployments["watch"].parameters["config"]["source"] == str(tmp_path)
     [schedule] = deployments["watch"].schedules
@@ -61,7 +62,7 @@ def test_prefect_yaml_names_the_flows_and_valid_parameters():
 
     spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert names == {"merge", "search", "watch"}
+    assert names == {"merge", "search", "tune", "watch"}
     for deployment in spec["deployments"]:
         flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
         assert flow.name == f"{deployment['name']}-flow"

@@ -242,10 +242,11 @@ def test_a_full_disk_while_storing_components_leaves_nothing(tiny_zoo, tmp_path)
     base, models = tiny_zoo
     script = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "
         "from pcbcore.config import parse_merge_config; from pcbcore.components import compute_components; "
         "from pcbcore.errors import MergeInputError\n"
-        "config = parse_merge_config({'merge_method': 'ties', 'base_model': sys.argv[1], 'models': [{'model': m} for m in sys.argv[3:]]})\n"
+        "config = parse_merge_config({'merge_method': 'pcb', 'base_model': sys.argv[1], 'models': [{'model': m} for m in sys.argv[3:]],"
+        " 'parameters': {'ratio': 0.1}})\n"
         "try:\n    compute_components(config, sys.argv[2], device='cpu')\nexcept MergeInputError as exc:\n    print(exc); sys.exit(2)\n"
     )
     out = tmp_path / "components"
@@ -253,3 +254,25 @@ def test_a_full_disk_while_storing_components_leaves_nothing(tiny_zoo, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout.strip().startswith(f"cannot write output folder '{out}'") and "nothing was left behind" in proc.stdout
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_an_unreachable_tracking_server_is_retried_then_one_sentence(micro_zoo, tmp_path):
+    """The MLflow server down (killed, restarting): the tracking calls are retried, then the command ends
+    with one sentence naming the store, exit status 3, and no merge output."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    config = _pipeline_config(micro_zoo, tmp_path / "run.yml", "unreachable", 0.3)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**_env(home), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pcbmerge", "run", str(config)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: a service did not answer after retries"), proc.stderr[-3000:]
+    assert f"http://127.0.0.1:{port}" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - started >= 12  # the tracking task's retry delays, 2 s then 10 s
+    assert not (home / "cache" / "merges").exists()

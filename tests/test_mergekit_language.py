@@ -42,11 +42,11 @@ def test_a_bad_gradient_entry_is_named_with_its_position(tiny_zoo):
         parse_merge_config(data, source="cfg.yml")
 
 
-def test_a_lora_reference_is_refused_naming_the_key(tiny_zoo):
+def test_a_lora_reference_without_its_adapter_is_refused_naming_the_key(tiny_zoo, tmp_path):
     base, models = tiny_zoo
     data = {"merge_method": "linear", "models": [{"model": f"{models[0]}+some/lora"}, {"model": str(models[1])}]}
-    with pytest.raises(MergeInputError, match=r"'models\[0\]\.model'"):
-        parse_merge_config(data, source="cfg.yml")
+    with pytest.raises(MergeInputError, match=r"'models\[0\]\.model'.*has no adapter_config.json"):
+        merge_to_folder(parse_merge_config(data, source="cfg.yml"), tmp_path / "out", device="cpu")
 
 
 def test_a_weight_gradient_is_read_at_each_layer(tiny_zoo, tmp_path):

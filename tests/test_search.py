@@ -111,11 +111,16 @@ def test_saved_state_resumes_exactly_and_starts_at_the_start():
     assert pickle.loads(straight.cma_state).countiter == 5
 
 
-def test_budget_stops_the_search():
+def test_budget_stops_the_search_once_spent_exactly():
+    """9 evaluations at 4 a round: two whole rounds and a last round of one candidate, never told to CMA-ES."""
     config = parse_search_config(_data(PAPER_ZOO, budget=9, popsize=4))
     state = new_search_state(config, None, "k", "run")
     state = _rounds(state, 2, reseed=False)
-    assert state.stop == "budget of 9 evaluations" and state.evaluations == 8
+    assert state.stop is None and state.evaluations == 8
+    told = state.cma_state
+    state = _rounds(state, 1, reseed=False)
+    assert state.stop == "budget of 9 evaluations" and state.evaluations == 9 and len(state.rounds[-1].candidates) == 1
+    assert state.cma_state == told
 
 
 # ---------------------------------------------------------------- the flow, end to end
@@ -245,7 +250,7 @@ def test_layer_groups_split_the_layers_and_build_per_block(tiny_zoo, tmp_path):
     grouped = stored.state_dict([0.0] * n + [1.0] * n, groups=2)
     ones, zeros = stored.state_dict([1.0] * n), stored.state_dict([0.0] * n)
     for name in grouped:
-        if name not in stored.components:
+        if name not in stored.names:
             continue
         expected = zeros if layer_group(name, 2, 2) == 0 else ones
         assert torch.allclose(grouped[name], expected[name]), name
@@ -268,3 +273,38 @@ def test_layer_grouped_search_writes_and_registers_its_merge(micro_zoo, prefect_
     assert model.config.num_hidden_layers == 2
     lineage = read_lineage(outcome.model_uri)
     assert lineage["lambdas"] == outcome.lambdas and lineage["search"]["layer_groups"] == 2
+
+
+def _constant(population, value=0.25):
+    return [
+        CandidateScore(lambdas=x, scores={"t": value}, fitness=value, split="validation", build_seconds=0.0, eval_seconds=0.0, worker="here")
+        for x in population
+    ]
+
+
+def test_flat_fitness_does_not_end_a_search_before_several_identical_rounds():
+    """A coarse fitness often scores a whole round the same; pycma's flat-fitness stop would end the search
+    after that first round. Only several identical rounds are a reason to stop, and the reason is said."""
+    from pipeline.search_state import FLAT_ROUNDS, stop_kind
+
+    config = parse_search_config(_data(PAPER_ZOO, budget=100, popsize=4))
+    state = new_search_state(config, None, "k", "run")
+    for k in range(FLAT_ROUNDS):
+        assert state.stop is None, f"stopped after {k} rounds: {state.stop}"
+        es, population = ask_population(state)
+        state = tell_population(state, es, population, _constant(population), 0.0)
+    assert stop_kind(state.stop) == "flat" and state.evaluations == FLAT_ROUNDS * 4
+    assert state.best.lambdas == [1.0, 1.0]  # all tied: the start
+
+
+def test_ties_in_fitness_go_to_the_candidate_nearest_the_start():
+    config = parse_search_config(_data(PAPER_ZOO, budget=100, popsize=6, sigma0=0.4))
+    state = new_search_state(config, None, "k", "run")
+    es, population = ask_population(state)
+    scores = _constant(population, 1.0)
+    scores[0] = scores[0].model_copy(update={"fitness": 0.0})  # the start itself scores worse
+    state = tell_population(state, es, population, scores, 0.0)
+    tied = population[1:]
+    nearest = min(tied, key=lambda x: sum((v - 1.0) ** 2 for v in x))
+    assert nearest != tied[0]  # so the earliest of the tied is not the answer by accident
+    assert state.best.lambdas == nearest

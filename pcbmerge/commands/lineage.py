@@ -32,15 +32,10 @@ def lineage_tree(uri: str, depth: int = 0, seen: frozenset[str] = frozenset()) -
     return node
 
 
-def format_tree(node: dict[str, Any], indent: str = "") -> list[str]:
-    params = json.dumps(node.get("parameters"), sort_keys=True)
-    lines = [f"{indent}{node['model']}  {node.get('method')} {params}  λ={node.get('lambdas')}  run {node.get('run_id')}"]
-    for item in node.get("inputs", []):
-        revision = f"@{item['revision']}" if item.get("revision") else ""
-        lines.append(f"{indent}  {item['role']:<5} {item['ref']}{revision}  sha256 {item['fingerprint'][:12]}")
-        if item.get("lineage"):
-            lines += format_tree(item["lineage"], indent + "      ")
-    return lines
+def format_tree(node: dict[str, Any]) -> list[str]:
+    from pipeline.report import lineage_lines
+
+    return lineage_lines(node)
 
 
 def run(args: argparse.Namespace) -> int:

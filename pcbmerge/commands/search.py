@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="pipeline YAML with evaluation: and a search: block")
     p.add_argument("--resume", action="store_true", help="go on from the last finished round of the same search")
     p.add_argument("--stop-after-rounds", type=int, default=None, metavar="N", help="pause once N rounds are finished in all (resume later)")
-    p.add_argument("--json", action="store_true", help='print {"lambdas", "best_fitness", "evaluations", "rounds", "model"} as JSON')
+    p.add_argument("--json", action="store_true", help='print {"lambdas", "best_fitness", "evaluations", "rounds", "stopped", "model"} as JSON')
     p.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT", help="evaluate candidates on this Dask scheduler")
     p.add_argument("--dask-workers", type=int, default=None, metavar="N", help="evaluate candidates on a local Dask cluster of N processes")
     p.add_argument("--out", type=Path, default=None, help="output folder of the final merge (default: the config's output, else a cache folder)")
@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     state = "finished" if outcome.finished else "paused (resume with --resume)"
     print(f"search {state}: {outcome.rounds} rounds, {outcome.evaluations} evaluations")
+    for ratio, reason in outcome.stop_reasons.items():
+        if reason is not None:
+            print(f"stopped{'' if ratio == 'None' else f' (ratio {ratio})'}: {reason}")
     ratio = "" if outcome.ratio is None else f" at ratio {outcome.ratio}"
     print(
         f"best λ = [{', '.join(f'{x:.4f}' for x in outcome.lambdas)}]{ratio}: validation fitness {outcome.best_fitness:.4f} (start {outcome.start_fitness:.4f})"

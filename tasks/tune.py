@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline import tuning
 from pipeline.retry import is_transient_tracking_error, retry_when
 from pipeline.tuning import LeaderboardRow, TuneState
-from tasks.search import _storage
+from tasks.saved_state import read_state, write_state
 
 STATE_PREFIX = "pcbmerge-tune-state-"
 LEADERBOARD_ARTIFACT = "tune-leaderboard"  # Prefect artifact keys: lowercase letters, digits and dashes
@@ -23,24 +23,13 @@ _TRACKING = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retr
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, task_run_name="save tune state")
 def save_tune_state(state: TuneState) -> None:
     """Write the tuner's progress (JSON) into the flow's result storage, keyed by the tuning run."""
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    result = _storage().write_path(STATE_PREFIX + state.key, state.model_dump_json().encode())
-    if hasattr(result, "__await__"):
-        run_coro_as_sync(result)
+    write_state(STATE_PREFIX + state.key, state.model_dump_json().encode())
 
 
 def load_tune_state(key: str) -> TuneState | None:
     """The progress saved by the last finished stage or round of the tuning run `key`, or None."""
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    try:
-        content = _storage().read_path(STATE_PREFIX + key)
-        if hasattr(content, "__await__"):
-            content = run_coro_as_sync(content)
-    except (ValueError, OSError):  # LocalFileSystem: ValueError "path does not exist"
-        return None
-    return TuneState.model_validate_json(content)
+    content = read_state(STATE_PREFIX + key)
+    return None if content is None else TuneState.model_validate_json(content)
 
 
 @task(name="track-tune-candidates", **_TRACKING)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pcbcore.scratch import owner_alive, owner_tag
 from pipeline import plots, tables
+from pipeline.locks import exclusive
 from pipeline.settings import load_settings
 
 MAX_TAG_CHARS = 5000
@@ -38,7 +39,20 @@ def client():
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not uri.startswith("sqlite:") or uri in _READY_STORES:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # A new SQLite store is created and migrated by its first client (in MlflowClient's constructor and its
+    # first registry call); two processes doing it at once collide ("duplicate column name"). One at a time,
+    # then every later call in this process goes straight through.
+    with exclusive(f"mlflow-store\n{uri}"):
+        mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mlflow_client.search_registered_models(max_results=1)
+    _READY_STORES.add(uri)
+    return mlflow_client
+
+
+# SQLite tracking stores this process has seen created (see `client`).
+_READY_STORES: set[str] = set()
 
 
 def experiment_id(name: str) -> str:

@@ -276,3 +276,21 @@ def test_an_unreachable_tracking_server_is_retried_then_one_sentence(micro_zoo, 
     assert f"http://127.0.0.1:{port}" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert time.monotonic() - started >= 12  # the tracking task's retry delays, 2 s then 10 s
     assert not (home / "cache" / "merges").exists()
+
+
+def test_two_watches_of_one_source_at_once_make_one_merge_and_one_version(micro_zoo, tmp_path):
+    import shutil
+
+    source = tmp_path / "incoming"
+    for task in micro_zoo.tasks[:2]:
+        shutil.copytree(micro_zoo.experts[task], source / task)
+    config = tmp_path / "watch.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(micro_zoo.base), "register_as": "watched-twice"}))
+    home = tmp_path / "home"
+    both = [_start(["watch", str(config), "--source", str(source), "--json"], home, f"watch-{i}") for i in range(2)]
+    assert [proc.wait(timeout=300) for proc in both] == [0, 0], (home / "watch-0.log").read_text()[-2000:]
+    outcomes = [json.loads((home / f"watch-{i}.out").read_text().strip().splitlines()[-1]) for i in range(2)]
+    assert {o["model"] for o in outcomes if o["merged"]} == {"models:/watched-twice/1"}
+    assert _versions(home, "watched-twice") == [1]
+    assert len([m for m in (home / "cache" / "merges").iterdir() if not m.name.startswith(".")]) == 1  # one merge folder
+    assert "RUNNING" not in {run.info.status for run in _runs(home)} and _leftovers(home) == []

@@ -294,3 +294,22 @@ def test_two_watches_of_one_source_at_once_make_one_merge_and_one_version(micro_
     assert _versions(home, "watched-twice") == [1]
     assert len([m for m in (home / "cache" / "merges").iterdir() if not m.name.startswith(".")]) == 1  # one merge folder
     assert "RUNNING" not in {run.info.status for run in _runs(home)} and _leftovers(home) == []
+
+
+def test_a_watch_killed_while_merging_is_finished_by_its_next_run(micro_zoo, tmp_path):
+    import shutil
+
+    source = tmp_path / "incoming"
+    for task in micro_zoo.tasks[:2]:
+        shutil.copytree(micro_zoo.experts[task], source / task)
+    config = tmp_path / "watch.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(micro_zoo.base), "register_as": "watched-killed"}))
+    home, merges = tmp_path / "home", tmp_path / "home" / "cache" / "merges"
+    proc = _start(["watch", str(config), "--source", str(source), "--json"], home, "killed")
+    _kill_when(
+        proc, lambda: merges.is_dir() and any(p.name.startswith(".") or (p / "model.safetensors").is_file() for p in merges.iterdir()), "the merge began"
+    )
+    again = json.loads(_run(["watch", str(config), "--source", str(source), "--json"], home, "again").strip().splitlines()[-1])
+    # Either the killed run had registered already (nothing new) or the next run merges and registers.
+    assert again["model"] in (None, "models:/watched-killed/1") and _versions(home, "watched-killed") == [1]
+    assert "RUNNING" not in {run.info.status for run in _runs(home)} and _leftovers(home) == []

@@ -17,7 +17,7 @@ from flows.run_context import prefect_tags, tracked_params
 from pipeline.config import PipelineConfig
 from pipeline.lineage import lineage_node
 from pipeline.outputs import MergedCheckpoint
-from pipeline.references import FetchedCheckpoint
+from pipeline.references import FetchedCheckpoint, input_labels
 from pipeline.registry import describe_registration
 from pipeline.scores import EvalResult
 from pipeline.settings import load_settings
@@ -106,12 +106,6 @@ def _to_evaluate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], m
     pairs = []
     if config.evaluation.baselines:
         pairs.append(("base", inputs[merge.base_model]))
-        labels = {"base", "merged"}
-        for ref in merge.models:
-            label = inputs[ref].label
-            while label in labels:
-                label += "_"
-            labels.add(label)
-            pairs.append((label, inputs[ref]))
+        pairs += [(label, inputs[ref]) for label, ref in input_labels(merge.models, inputs, {"base", "merged"})]
     pairs.append(("merged", merged))
     return pairs

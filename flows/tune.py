@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from flows.run_context import prefect_tags, tracked_params
 from pipeline import tuning
 from pipeline.lineage import lineage_node
+from pipeline.references import input_labels
 from pipeline.registry import describe_registration
 from pipeline.search_state import (
     SearchState,
@@ -312,14 +313,7 @@ def tune_method(config: TunePipelineConfig, method: TuneMethod, inputs: dict, ru
 def _baseline_labels(config: TunePipelineConfig, inputs: dict) -> list[tuple[str, str]]:
     """(label, reference) of the base and each input model, labels made unique."""
     merge = config.merge_config()
-    pairs, labels = [("base", merge.base_model)], {"base"}
-    for ref in merge.models:
-        label = inputs[ref].label
-        while label in labels:
-            label += "_"
-        labels.add(label)
-        pairs.append((label, ref))
-    return pairs
+    return [("base", merge.base_model), *input_labels(merge.models, inputs, {"base"})]
 
 
 def _save(run: _Run, progress: MethodProgress) -> None:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except MergeInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    except Exception as exc:  # noqa: BLE001 - only the unreachable-service case is ours to word; the rest re-raises
+    except Exception as exc:  # only an unreachable service is ours to word; anything else re-raises
         from pipeline.retry import is_transient
         from pipeline.settings import load_settings
 

@@ -108,6 +108,19 @@ SOURCES: list[Source] = [
 ]
 
 
+def input_labels(refs: list[str], inputs: dict[str, FetchedCheckpoint], reserved: set[str]) -> list[tuple[str, str]]:
+    """(label, ref) for each input model: its `label`, made unique among themselves and `reserved` (the
+    table's other rows, e.g. "base") by appending underscores."""
+    taken, pairs = set(reserved), []
+    for ref in refs:
+        label = inputs[ref].label
+        while label in taken:
+            label += "_"
+        taken.add(label)
+        pairs.append((label, ref))
+    return pairs
+
+
 def fetch(ref: str, cache_dir: str | Path) -> FetchedCheckpoint:
     """Resolve `ref` to a local folder and fingerprint its files."""
     cache = Path(cache_dir)

@@ -24,17 +24,35 @@ def _rows(scores: Scores) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def format_text(scores: Scores) -> str:
-    header, rows = _rows(scores)
+def _left_columns(left: int | set[int]) -> set[int]:
+    return set(range(left)) if isinstance(left, int) else left
+
+
+def render_text(header: list[str], rows: list[list[str]], left: int | set[int] = 1) -> str:
+    """A plain-text table: the first `left` columns (or the columns numbered in `left`) left-aligned, the
+    others right-aligned, a dashed rule under the header."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lefts = _left_columns(left)
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in lefts else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def render_markdown(header: list[str], rows: list[list[str]], left: int | set[int] = 1) -> str:
+    """A markdown table with the same alignment as `render_text` (no trailing newline)."""
+    lefts = _left_columns(left)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i in lefts else "---:" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def format_text(scores: Scores) -> str:
+    return render_text(*_rows(scores))
+
+
 def format_markdown(scores: Scores) -> str:
-    header, rows = _rows(scores)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    return render_markdown(*_rows(scores)) + "\n"
 
 
 def format_csv(scores: Scores) -> str:

@@ -26,6 +26,7 @@ from pipeline.config import PipelineConfig
 from pipeline.evaluation import LM_EVAL_VERSION
 from pipeline.search_config import SearchPipelineConfig, SearchSettings
 from pipeline.search_state import CandidateRequest, CandidateScore, SearchState, format_lambdas
+from pipeline.tables import render_markdown, render_text
 from pipeline.tune_config import LAMBDA, TuneMethod, TunePipelineConfig
 
 # ---------------------------------------------------------------- records
@@ -291,20 +292,16 @@ HEADER = ["method", "tuned setting", "search", "validation", "default test", "tu
 
 def format_leaderboard(rows: list[LeaderboardRow]) -> str:
     """A plain-text table; the winner is marked `*`."""
-    table = [HEADER, *(_cells(r) for r in rows)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(HEADER), "  ".join("-" * w for w in widths), *(line(r) for r in table[1:])])
+    return render_text(list(HEADER), [_cells(r) for r in rows], left=2)
 
 
 def leaderboard_markdown(rows: list[LeaderboardRow], split: str) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(HEADER) - 2)) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    table = render_markdown(list(HEADER), [[c.replace("|", "/") for c in _cells(r)] for r in rows], left=2)
     note = (
         f"\n`search`: fitness on the search slice; `validation`: the re-scoring that chose; `tuned test`: the choice on the {split} split "
         "(± standard error); `default test`: the method's default setting; `*`: the winner (best validation).\n"
     )
-    return "\n".join(lines) + "\n" + note
+    return table + "\n" + note
 
 
 def leaderboard_table(rows: list[LeaderboardRow]) -> list[dict[str, Any]]:

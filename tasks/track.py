@@ -13,28 +13,29 @@ from pipeline import registry, tracking
 from pipeline.lineage import LINEAGE_ARTIFACT
 from pipeline.retry import is_transient_tracking_error, retry_when
 
-_TRACKING = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_when(is_transient_tracking_error), cache_policy=NO_CACHE)
+# Every MLflow call: retried on a transient error (a tracking server restarting, a locked SQLite store), never cached.
+TRACKING = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_when(is_transient_tracking_error), cache_policy=NO_CACHE)
 
 
-@task(name="track-start", **_TRACKING)
+@task(name="track-start", **TRACKING)
 def start_tracking(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Open the flow's MLflow run; log the flattened config as params. Returns the run id."""
     return tracking.start_run(experiment, run_name, params, tags)
 
 
-@task(name="track-finish", **_TRACKING)
+@task(name="track-finish", **TRACKING)
 def finish_tracking(run_id: str, status: str) -> None:
     tracking.finish_run(run_id, status)
 
 
-@task(name="track-results", **_TRACKING)
+@task(name="track-results", **TRACKING)
 def track_results(run_id: str, config_yaml: str, scores: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
     """Metrics `<model label>.<task>` (and `.mean`); artifacts: the config YAML, the result table (markdown
     and CSV) and a bar chart of per-task scores; tags."""
     tracking.log_results(run_id, config_yaml, scores, tags)
 
 
-@task(name="track-register", **_TRACKING)
+@task(name="track-register", **TRACKING)
 def register_model(run_id: str, experiment: str, folder: str, name: str, lineage: dict[str, Any]) -> dict[str, str]:
     """Log the merged folder as an MLflow LoggedModel and register it under `name`; attach the lineage.
 
@@ -44,25 +45,25 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
     return registry.register_model(run_id, experiment, folder, name, lineage)
 
 
-@task(name="track-lineage", **_TRACKING)
+@task(name="track-lineage", **TRACKING)
 def log_lineage(run_id: str, lineage: dict[str, Any]) -> None:
     """`lineage.json` for a merge that is not registered (its `model` is the output folder)."""
     tracking.log_json(tracking.client(), run_id, lineage, LINEAGE_ARTIFACT)
 
 
-@task(name="track-lineage-views", **_TRACKING)
+@task(name="track-lineage-views", **TRACKING)
 def log_lineage_views(run_id: str, lineage: dict[str, Any]) -> None:
     """`lineage.png` and `lineage.md` (a mermaid graph) on the run: the lineage to look at in the MLflow UI."""
     tracking.log_lineage_views(run_id, lineage)
 
 
-@task(name="track-reopen", **_TRACKING)
+@task(name="track-reopen", **TRACKING)
 def reopen_tracking(run_id: str) -> None:
     """A resumed search goes on logging into the run it started."""
     tracking.reopen_run(run_id)
 
 
-@task(name="track-search-round", **_TRACKING)
+@task(name="track-search-round", **TRACKING)
 def track_search_round(run_id: str, record: dict[str, Any], state_blob: bytes, history: dict[str, Any], artifact_path: str) -> None:
     """One finished round: a nested run per candidate (λ, per-task validation scores, fitness); metrics
     `best_fitness`, `mean_fitness`, `build_seconds`, `eval_seconds` on the parent at step = round; the
@@ -70,19 +71,19 @@ def track_search_round(run_id: str, record: dict[str, Any], state_blob: bytes, h
     tracking.log_search_round(run_id, record, state_blob, history, artifact_path)
 
 
-@task(name="track-search-summary", **_TRACKING)
+@task(name="track-search-summary", **TRACKING)
 def track_search_summary(run_id: str, plot_png: bytes, final: dict[str, Any], tags: dict[str, str]) -> None:
     """The search's end: the convergence plot, the final λ (and why each ratio stopped), summary tags."""
     tracking.log_search_summary(run_id, plot_png, final, tags)
 
 
-@task(name="track-search-version-tags", **_TRACKING)
+@task(name="track-search-version-tags", **TRACKING)
 def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
     """Extra tags on a registered version (a searched merge: its search settings and evaluation count)."""
     registry.tag_model_version(name, version, tags)
 
 
-@task(name="track-reap", **_TRACKING)
+@task(name="track-reap", **TRACKING)
 def reap_dead_runs(experiment: str) -> list[str]:
     """Runs left RUNNING by a killed process: their MLflow run is marked KILLED and the Prefect flow run that
     owned it Crashed (a flow run whose process died keeps its last state, Running, forever otherwise)."""

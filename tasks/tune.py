@@ -10,14 +10,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import tuning
-from pipeline.retry import is_transient_tracking_error, retry_when
 from pipeline.tuning import LeaderboardRow, TuneState
 from tasks.saved_state import read_state, write_state
+from tasks.track import TRACKING
 
 STATE_PREFIX = "pcbmerge-tune-state-"
 LEADERBOARD_ARTIFACT = "tune-leaderboard"  # Prefect artifact keys: lowercase letters, digits and dashes
-
-_TRACKING = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_when(is_transient_tracking_error), cache_policy=NO_CACHE)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, task_run_name="save tune state")
@@ -32,13 +30,13 @@ def load_tune_state(key: str) -> TuneState | None:
     return None if content is None else TuneState.model_validate_json(content)
 
 
-@task(name="track-tune-candidates", **_TRACKING)
+@task(name="track-tune-candidates", **TRACKING)
 def track_tune_candidates(run_id: str, label: str, stage: str, step: int, candidates: list[dict[str, Any]]) -> None:
     """A nested MLflow run per candidate of one stage, and the stage's best and mean fitness."""
     tuning.log_candidates(run_id, label, stage, step, candidates)
 
 
-@task(name="publish-leaderboard", **_TRACKING)
+@task(name="publish-leaderboard", **TRACKING)
 def publish_leaderboard(run_id: str, rows: list[LeaderboardRow], split: str) -> str:
     """The leaderboard as Prefect artifacts (a table and a markdown page, key `tune-leaderboard`) and as
     MLflow artifacts under `tune/`; returns the plain-text table."""

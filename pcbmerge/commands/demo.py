@@ -84,10 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
 def format_comparison(rows) -> str:
     """Per method: the default setting and its test score, the tuned setting, its validation and test scores."""
+    from pipeline.tables import render_text
     from pipeline.tuning import format_setting
 
     header = ["method", "default setting", "default test", "tuned setting", "validation", "tuned test"]
-    table = [header]
+    table = []
     for row in rows:
         default = dict(row.default_setting)
         lam = default.pop("lambda")
@@ -102,7 +103,4 @@ def format_comparison(rows) -> str:
                 f"{row.test:.3f}{stderr}",
             ]
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    left = {0, 1, 3}
-    line = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in table[1:])])
+    return render_text(header, table, left={0, 1, 3})

@@ -1,7 +1,12 @@
-"""Tiny Llama checkpoints built inside the tests: a base and fine-tunes that differ by random task vectors."""
+"""Test builders: tiny Llama checkpoints (a base and fine-tunes that differ by random task vectors), and a
+served `pcbmerge serve` process."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -44,3 +49,34 @@ def build_tiny_zoo(root: Path, n_models: int = 3, dtype=torch.float32) -> tuple[
     base = save_tiny_llama(root / "base", seed=0, dtype=dtype)
     models = [save_tiny_llama(root / f"ft{i}", seed=i + 1, base=base, dtype=dtype) for i in range(n_models)]
     return base, models
+
+
+@contextlib.contextmanager
+def serving(config: Path, info: dict, folder: Path, **extra_env: str):
+    """`pcbmerge serve --config CONFIG` in its own process (working in `folder`), pointed at the servers
+    `pcbmerge up --json` described in `info`; yields (process, log file) and stops it at the end — before the
+    servers are stopped: a runner whose server is gone hangs on SIGTERM."""
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": info["PREFECT_API_URL"],
+        "MLFLOW_TRACKING_URI": info["MLFLOW_TRACKING_URI"],
+        "PCBMERGE_HOME": str(folder / "home"),
+        "PREFECT_HOME": str(folder / "prefect"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        **extra_env,
+    }
+    log = folder / "serve.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pcbmerge.cli", "serve", "--config", str(config)],
+            env=env, cwd=folder, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield proc, log
+    finally:
+        proc.terminate()  # the runner pauses its deployments and exits
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

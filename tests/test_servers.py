@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 
 import psutil
 import pytest
+from builders import serving
 
 from infra.ports import check_port_free, free_port
 from infra.processes import ServerProcess
@@ -155,30 +155,8 @@ def served(servers, micro_zoo, tmp_path):
             }
         )
     )
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": servers["info"]["PREFECT_API_URL"],
-        "MLFLOW_TRACKING_URI": servers["info"]["MLFLOW_TRACKING_URI"],
-        "PCBMERGE_HOME": str(tmp_path / "home"),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "HF_TOKEN": SECRET,
-    }
-    log = tmp_path / "serve.log"
-    with log.open("wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pcbmerge.cli", "serve", "--config", str(config)],
-            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
+    with serving(config, servers["info"], tmp_path, HF_TOKEN=SECRET) as (proc, log):
         yield {"proc": proc, "log": log, "task": task}
-    finally:
-        proc.terminate()  # the runner pauses its deployments and exits
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_served_deployment_runs_from_the_api_and_logs_to_the_mlflow_server(servers, served):

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
+from builders import serving
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the project's test extra pins it)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -77,36 +75,17 @@ def stack(micro_zoo, tmp_path_factory):
             }
         )
     )
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": info["PREFECT_API_URL"],
-        "MLFLOW_TRACKING_URI": info["MLFLOW_TRACKING_URI"],
-        "PCBMERGE_HOME": str(root / "home"),
-        "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-    }
-    log = root / "serve.log"
-    with log.open("wb") as handle:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "pcbmerge.cli", "serve", "--config", str(config)],
-            env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    api = info["PREFECT_API_URL"]
     try:
-        api = info["PREFECT_API_URL"]
+        with serving(config, info, root) as (_, log):
 
-        def merge_deployment():
-            found = _api("POST", f"{api}/deployments/filter", {"deployments": {"name": {"any_": ["merge"]}}})
-            return found[0] if found else None
+            def merge_deployment():
+                found = _api("POST", f"{api}/deployments/filter", {"deployments": {"name": {"any_": ["merge"]}}})
+                return found[0] if found else None
 
-        deployment = _wait(merge_deployment, 240, "the merge deployment", log)
-        yield {"api": api, "ui": api.removesuffix("/api"), "mlflow": info["MLFLOW_TRACKING_URI"], "deployment": deployment, "log": log}
+            deployment = _wait(merge_deployment, 240, "the merge deployment", log)
+            yield {"api": api, "ui": api.removesuffix("/api"), "mlflow": info["MLFLOW_TRACKING_URI"], "deployment": deployment, "log": log}
     finally:
-        serve.terminate()  # before the servers: a runner whose server is gone hangs on SIGTERM
-        try:
-            serve.wait(60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(10)
         stop_servers(root / "servers")
 
 

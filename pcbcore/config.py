@@ -250,6 +250,20 @@ class MergeConfig(BaseModel):
     def method(self) -> MergeMethod:
         return METHODS[self.method_name]
 
+    @property
+    def exact(self) -> bool:
+        """Whether `pcbmerge merge` follows mergekit's own op order (`MergeMethod.exact`): for a file mergekit
+        could run — no `compute_dtype` (pcbmerge's float32 maths), no `lines`, no λ set by the search, a
+        tensor scope. Each tensor then merges in the working dtype as mergekit does, unless its parameters are
+        pcbmerge's own (per-model λ_i: the method's `exact` says so by returning None)."""
+        return (
+            self.method.exact is not None
+            and self.raw.compute_dtype is None
+            and self.raw.lines is None
+            and self.lambda_override is None
+            and self.method.scope(self.params) == "tensor"
+        )
+
     def tensor_params(self, slice_index: int, tensor_name: str, t: float, inputs: list[tuple[int | None, str, str]]) -> tuple[FrozenModel, list[ModelParams]]:
         """The method's parameters for one output tensor, resolved as mergekit resolves them: each key from
         the first source that gives a value (this model's entry in the slice, the slice's `parameters`, the

@@ -35,7 +35,7 @@ from pcbcore.inputs import MergeInputs, StateDictReader, TensorReader, open_inpu
 from pcbcore.lines import layer_scales
 from pcbcore.memory import bound_resident_memory, keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
-from pcbcore.methods.base import BaseWeights
+from pcbcore.methods.base import BaseWeights, TensorInputs
 from pcbcore.selection import sample_columns
 from pcbcore.slices import resolve_job_params
 from pcbcore.stages import Block, ScopeFacts, Stats, combine_partial, row_spans
@@ -141,6 +141,30 @@ class BlockLoader:
                 raise MergeInputError(f"tensor '{name}' of model '{reader.label}' differs from the base by more than float32 can hold") from None
         self._last = (key, (base, task_vectors))
         return base, task_vectors
+
+    def load_whole(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> TensorInputs:
+        """Every input of one tensor whole (or its `rows`), in its shape and the working dtype — mergekit's
+        `dtype`, else the inputs' promoted dtype, as mergekit aligns a group — for a method's `exact` op
+        order. Checked finite."""
+        job = self.inputs.jobs[info.name]
+        shape = block_shape(info, rows)
+        raws = [] if job.base is None else [(job.base[0], job.base[1])]
+        raws += [(reader, name) for _, reader, name in job.models]
+        values = []
+        for reader, name in raws:
+            raw = reader.read(name, rows)
+            self.bytes_read += raw.numel() * raw.element_size()
+            values.append(raw.to(self.device, non_blocking=True).reshape(shape))
+        dtype = self.working
+        if dtype is None:
+            dtype = values[0].dtype
+            for value in values[1:]:
+                dtype = torch.promote_types(dtype, value.dtype)
+        values = [value.to(dtype) for value in values]
+        for value, (reader, name) in zip(values, raws):
+            self._check(value.reshape(-1), reader, name, rows)
+        base = values.pop(0) if job.base is not None else None
+        return TensorInputs(info.name, base, values, [k in job.zero for k in range(len(job.models))], dtype)
 
     def sample(self, scope: list[TensorInfo], entries: int) -> torch.Tensor:
         """About `entries` task-vector columns (n, s) drawn from the whole scope, each tensor in proportion to
@@ -250,17 +274,24 @@ def _job_components(config: MergeConfig, loader: BlockLoader, progress: Progress
     lines = layer_scales(config.raw.lines, [t.name for t in inputs.merged]) if config.raw.lines else None
     for k, info in enumerate(inputs.merged):
         job = inputs.jobs[info.name]
-        params, model_params = job_params(config, loader, info)
-        tensor_stats = stats if model_scope else compute_stats(config, [info], loader)
-        for block in blocks_of(info, method.whole_tensor):
-            base, task_vectors = loader.load(block)
-            if method.needs_base:
-                tensor_stats.put(BaseWeights(base, bool(job.zero) or job.base is None))  # no base: none to count
-            components = method.components(task_vectors, tensor_stats, params, model_params, block)
+        for block, base, components in _tensor_components(config, loader, info, stats if model_scope else None):
             yield info, block.rows, base, components if lines is None else components * lines[info.name], job  # LiNeS: λ(ℓ)·C_i
         bound_resident_memory()
         if progress:
             progress("merge" if not model_scope else f"pass {_passes(config)}/{_passes(config)}", k + 1, len(inputs.merged))
+
+
+def _tensor_components(config: MergeConfig, loader: BlockLoader, info: TensorInfo, stats: Stats | None = None):
+    """Yield (block, base block (m,), components (n_t, m)) for each block of one tensor; `stats` of a model
+    scope, or None to compute the tensor's own."""
+    method, job = config.method, loader.inputs.jobs[info.name]
+    params, model_params = job_params(config, loader, info)
+    stats = stats if stats is not None else compute_stats(config, [info], loader)
+    for block in blocks_of(info, method.whole_tensor):
+        base, task_vectors = loader.load(block)
+        if method.needs_base:
+            stats.put(BaseWeights(base, bool(job.zero) or job.base is None))  # no base: none to count
+        yield block, base, method.components(task_vectors, stats, params, model_params, block)
 
 
 def merged_blocks(
@@ -271,6 +302,9 @@ def merged_blocks(
     For a method whose components are fixed multiples of the task vectors (C_i = s_i τ_i: linear, task
     arithmetic), s_i is folded into λ_i and the task vectors are combined directly, with no components built.
     """
+    if config.exact:
+        yield from _exact_merged(config, loader, progress)
+        return
     rounding = config.round_dtype
     if config.method.scales is None:
         for info, rows, base, components, _ in _job_components(config, loader, progress):
@@ -289,6 +323,38 @@ def merged_blocks(
             yield info, block.rows, merged_block if rounding is None else merged_block.to(rounding)
         if progress:
             progress("merge", k + 1, len(merged))
+
+
+def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None):
+    """`merged_blocks` in mergekit's op order (`MergeMethod.exact`): each tensor whole, in the working dtype.
+    A tensor whose parameters are pcbmerge's own (per-model λ_i, or a key mergekit lacks: the method's `exact`
+    returns None) merges in the components form instead."""
+    method, merged = config.method, loader.inputs.merged
+    for k, info in enumerate(merged):
+        params, model_params = job_params(config, loader, info)
+        # An elementwise op order gives the same entries block by block: memory stays one block per model.
+        spans = [block.rows for block in blocks_of(info)] if method.exact_blocks else [None]
+        result = method.exact(loader.load_whole(info, spans[0]), params, model_params)
+        if result is not None:
+            yield info, spans[0], result.reshape(-1)
+            for rows in spans[1:]:
+                yield info, rows, method.exact(loader.load_whole(info, rows), params, model_params).reshape(-1)
+        else:
+            rounding = config.round_dtype
+            for block, base, components in _tensor_components(config, loader, info):
+                block_merged = combine(base, components, lambdas_of(model_params))
+                yield info, block.rows, block_merged if rounding is None else block_merged.to(rounding)
+        bound_resident_memory()
+        if progress:
+            progress("merge", k + 1, len(merged))
+
+
+def output_dtype(config: MergeConfig, info: TensorInfo) -> torch.dtype:
+    """The dtype a merged tensor is written in: `out_dtype`, else `dtype`, else as stored — and, for a
+    merge in mergekit's op order without `out_dtype`, the dtype mergekit's method returns."""
+    if config.exact and config.raw.out_dtype is None and config.method.exact_dtype is not None:
+        return config.method.exact_dtype(config.working_dtype or info.dtype)
+    return config.out_dtype or info.dtype
 
 
 def _passes(config: MergeConfig) -> int:
@@ -349,7 +415,7 @@ def merge_to_folder(
     inputs = open_inputs(config)
     try:
         with atomic_output(out_dir, overwrite=overwrite) as tmp:
-            plan = [(t.name, config.out_dtype or t.dtype, t.shape) for t in inputs.merged]
+            plan = [(t.name, output_dtype(config, t), t.shape) for t in inputs.merged]
             plan += [(t.name, t.dtype, t.shape) for t in inputs.passthrough]
             writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"merged_by": "pcbmerge", "merge_method": config.method_name})
             loader = BlockLoader(inputs, dev, config.working_dtype, config.round_dtype if config.round_task_vectors else None)
@@ -403,7 +469,7 @@ def merge_state_dicts(
     for info, rows, merged in merged_blocks(
         config, BlockLoader(inputs, resolve_device(device), config.working_dtype, config.round_dtype if config.round_task_vectors else None)
     ):
-        out.setdefault(info.name, []).append(merged.reshape(block_shape(info, rows)).to(config.out_dtype or info.dtype))
+        out.setdefault(info.name, []).append(merged.reshape(block_shape(info, rows)).to(output_dtype(config, info)))
     result = {name: torch.cat(blocks) if len(blocks) > 1 else blocks[0] for name, blocks in out.items()}
     result.update({info.name: base[info.name] for info in inputs.passthrough})
     return result

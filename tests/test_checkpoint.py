@@ -51,18 +51,24 @@ def test_merge_writes_a_folder_transformers_loads(tiny_zoo, tmp_path, device):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_cli_merge_of_a_bf16_zoo_matches_in_memory_maths(tmp_path):
+def test_cli_merge_of_a_bf16_zoo_follows_mergekits_op_order(tmp_path):
+    """No `dtype` on a bf16 zoo: mergekit merges in the stored bf16, rounding after each op; `compute_dtype:
+    float32` opts into float32 maths rounded once."""
     from builders import build_tiny_zoo
 
     base, models = build_tiny_zoo(tmp_path / "zoo", n_models=2, dtype=torch.bfloat16)
-    cfg = tmp_path / "ta.yml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {"merge_method": "task_arithmetic", "base_model": "zoo/base", "models": [{"model": "zoo/ft0"}, {"model": "zoo/ft1"}], "parameters": {"lambda": 0.5}}
-        )
-    )
-    assert main(["merge", str(cfg), str(tmp_path / "out"), "--device", "cpu"]) == 0
-    b, m0, m1, out = (CheckpointReader(p) for p in (base, *models, tmp_path / "out"))
+    data = {"merge_method": "task_arithmetic", "base_model": "zoo/base", "models": [{"model": "zoo/ft0"}, {"model": "zoo/ft1"}], "parameters": {"lambda": 0.5}}
+    for name_, extra in (("ta", {}), ("precise", {"compute_dtype": "float32"})):
+        (tmp_path / f"{name_}.yml").write_text(yaml.safe_dump({**data, **extra}))
+        assert main(["merge", str(tmp_path / f"{name_}.yml"), str(tmp_path / name_), "--device", "cpu"]) == 0
+    b, m0, m1, out, precise = (CheckpointReader(p) for p in (base, *models, tmp_path / "ta", tmp_path / "precise"))
+    differ = 0
     for name in b.tensors:
-        expected = b.read(name).float() + 0.5 * ((m0.read(name).float() - b.read(name).float()) + (m1.read(name).float() - b.read(name).float()))
-        assert torch.equal(out.read(name), expected.to(torch.bfloat16)), name
+        theta, first, second = b.read(name), m0.read(name), m1.read(name)
+        mixed = torch.stack([first - theta, second - theta]).sum(dim=0)  # bf16 deltas, summed to bf16
+        mixed *= 0.5
+        assert torch.equal(out.read(name), theta + mixed), name
+        expected = theta.float() + 0.5 * ((first.float() - theta.float()) + (second.float() - theta.float()))
+        assert torch.equal(precise.read(name), expected.to(torch.bfloat16)), name
+        differ += int(not torch.equal(out.read(name), precise.read(name)))
+    assert differ > 0  # the two orders do round differently

@@ -161,7 +161,7 @@ def test_dtype_is_the_working_dtype_and_compute_dtype_opts_into_float32(tiny_zoo
     out = merge_state_dicts(parse_merge_config(data), base, [model])["w"]
     b16, m16 = base["w"].to(torch.bfloat16), model["w"].to(torch.bfloat16)
     delta = m16 - b16  # rounded to bf16, as mergekit's working dtype
-    expected = (b16.float() + 0.3 * delta.float()).to(torch.bfloat16)
+    expected = b16 + delta * torch.tensor(0.3, dtype=torch.bfloat16)  # and so is every later op (mergekit's order)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     precise = merge_state_dicts(parse_merge_config({**data, "compute_dtype": "float32"}), base, [model])["w"]
     assert torch.equal(precise, (b16.float() + 0.3 * (m16.float() - b16.float())).to(torch.bfloat16))

@@ -187,7 +187,7 @@ def test_a_whole_tensor_method_sees_each_tensor_in_one_block(monkeypatch):
     models = [{"w": torch.full((6, 4), float(i + 1))} for i in range(2)]
     config = parse_merge_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]})
     for whole, expected in [(True, [("w", None, 24)]), (False, [("w", (0, 2), 8), ("w", (2, 4), 8), ("w", (4, 6), 8)])]:
-        method = replace(METHODS["task_arithmetic"], components=components, scales=None, whole_tensor=whole)
+        method = replace(METHODS["task_arithmetic"], components=components, scales=None, whole_tensor=whole, exact=None)
         monkeypatch.setattr(type(config), "method", property(lambda self, method=method: method))
         seen.clear()
         merged = merge_state_dicts(config, base, models)

@@ -51,6 +51,24 @@ class SparseModelParams(WeightedModelParams):
 
 
 ComponentsFn = Callable[[torch.Tensor, Stats, FrozenModel, list, Block], torch.Tensor]
+
+
+@dataclass
+class TensorInputs:
+    """One output tensor's inputs whole, as mergekit's method receives them (`MergeMethod.exact`)."""
+
+    name: str
+    base: torch.Tensor | None  # θ_pre in the working dtype, in the tensor's shape (None: the merge has no base)
+    models: list[torch.Tensor]  # θ_i in the working dtype, in the job's order (the base itself where listed)
+    is_base: list[bool]  # which θ_i is the base listed among the models (mergekit's methods leave it out of "non-base")
+    dtype: torch.dtype  # the working dtype: the config's `dtype`, else the inputs' promoted dtype (mergekit's rule)
+
+
+# mergekit's own sequence of operations for one tensor, in its working dtype, so that a mergekit config gives
+# mergekit's model to the bit (the components form rounds once, in float32, which differs by ulps). Returns
+# the merged tensor (in the dtype mergekit returns it in), or None where the parameters are pcbmerge's own
+# (the components form then merges this tensor).
+ExactFn = Callable[[TensorInputs, FrozenModel, list], "torch.Tensor | None"]
 StagesFn = Callable[[FrozenModel, list], list[Stage]]
 # For methods whose components are fixed multiples of the task vectors, C_i = s_i·τ_i: the s_i.
 ScalesFn = Callable[[FrozenModel, list], list[float]]
@@ -94,6 +112,15 @@ class MergeMethod:
     base_optional: bool = False
     # The most models one tensor may take from (passthrough: one), checked at config load.
     max_models: int | None = None
+    # mergekit's op order (`ExactFn`), used by `pcbmerge merge` for a file mergekit could run: no
+    # `compute_dtype`, no `lines`, every λ_i = 1. None: the components form is mergekit's result already.
+    exact: ExactFn | None = None
+    # The dtype mergekit returns this method's result in, given the working dtype, where it is not the
+    # working dtype itself (written so when the file has no `out_dtype`).
+    exact_dtype: Callable[[torch.dtype], torch.dtype] | None = None
+    # Whether `exact` is elementwise (each entry from the same entry of the inputs: no norm, no order
+    # statistic over the tensor), so it may run on blocks of rows, bounding memory as the components form does.
+    exact_blocks: bool = False
 
     def scope(self, params: FrozenModel) -> Scope:
         return getattr(params, "scope", "tensor")
@@ -124,6 +151,18 @@ def scaled_components(scales: ScalesFn) -> ComponentsFn:
         return scale_rows_(task_vectors.clone(), scales(params, model_params))
 
     return components
+
+
+def shared_lambda(model_params: list) -> float | None:
+    """mergekit's top-level `lambda` where every model's λ_i is the same value (pcbmerge reads it as each λ_i's
+    default); None where they differ — a per-model λ_i, pcbmerge's own key, which mergekit's op order lacks."""
+    values = {m.lambda_ for m in model_params}
+    return values.pop() if len(values) == 1 else None
+
+
+def unit_lambdas(model_params: list) -> bool:
+    """Every λ_i is 1: a method without mergekit's `lambda` can follow mergekit's op order."""
+    return shared_lambda(model_params) == 1.0
 
 
 def weights_of(model_params: list) -> list[float]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from pcbcore.methods.base import FrozenModel, MergeMethod, WeightedModelParams, scaled_components
+from pcbcore.methods.base import FrozenModel, MergeMethod, TensorInputs, WeightedModelParams, scaled_components, unit_lambdas, weights_of
+from pcbcore.methods.mergekit_ops import weighted_average
 
 
 class LinearParams(FrozenModel):
@@ -31,4 +32,19 @@ def linear_scales(params: LinearParams, model_params: list) -> list[float]:
     return [m.weight / total for m in model_params]
 
 
-METHOD = MergeMethod("linear", LinearParams, WeightedModelParams, scaled_components(linear_scales), base_may_be_a_model=True, scales=linear_scales)
+def linear_exact(inputs: TensorInputs, params: LinearParams, model_params: list):
+    """mergekit's order: Σ w_i θ_i in float32, one model at a time, then / Σ w_i (`mergekit_ops`)."""
+    linear_scales(params, model_params)  # the same refusal of weights summing to zero
+    return weighted_average(inputs, weights_of(model_params)) if unit_lambdas(model_params) else None
+
+
+METHOD = MergeMethod(
+    "linear",
+    LinearParams,
+    WeightedModelParams,
+    scaled_components(linear_scales),
+    base_may_be_a_model=True,
+    scales=linear_scales,
+    exact=linear_exact,
+    exact_blocks=True,
+)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, WeightedModelParams, scaled_components
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, TensorInputs, WeightedModelParams, scaled_components, shared_lambda
+from pcbcore.methods.mergekit_ops import generalized_task_arithmetic
 
 
 class TaskArithmeticParams(MergekitMemoryOption):
@@ -21,4 +22,20 @@ def task_arithmetic_scales(params: TaskArithmeticParams, model_params: list) -> 
     return [w / (total if total != 0 else 1.0) for w in weights]
 
 
-METHOD = MergeMethod("task_arithmetic", TaskArithmeticParams, WeightedModelParams, scaled_components(task_arithmetic_scales), scales=task_arithmetic_scales)
+def task_arithmetic_exact(inputs: TensorInputs, params: TaskArithmeticParams, model_params: list):
+    """mergekit's order (`mergekit_ops.generalized_task_arithmetic`, no sparsification, no consensus)."""
+    lambda_ = shared_lambda(model_params)
+    if lambda_ is None:
+        return None
+    return generalized_task_arithmetic(inputs, model_params, normalize=params.normalize, lambda_=lambda_)
+
+
+METHOD = MergeMethod(
+    "task_arithmetic",
+    TaskArithmeticParams,
+    WeightedModelParams,
+    scaled_components(task_arithmetic_scales),
+    scales=task_arithmetic_scales,
+    exact=task_arithmetic_exact,
+    exact_blocks=True,
+)

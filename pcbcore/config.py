@@ -196,7 +196,9 @@ class RawMergeConfig(BaseModel):
     models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
     slices: list[OutputSlice] | None = Field(default=None, description="mergekit's layer slices: output layers taken or merged from layer ranges of the models")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
-    dtype: str | None = Field(default=None, description="mergekit's working dtype: inputs are converted to it and merged in it (default: float32 maths)")
+    dtype: str | None = Field(
+        default=None, description="mergekit's working dtype: inputs are converted to it and merged in it (default: the inputs' own dtype)"
+    )
     compute_dtype: str | None = Field(
         default=None, description="pcbmerge's opt-in: the dtype the maths runs in after the inputs are read in `dtype` (float32: more precise than mergekit)"
     )
@@ -539,7 +541,7 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     vocabulary = _vocabulary(raw, source, base, named)
     # The folder whose tokenizer files the output starts from (a union starts from the base's).
     tokenizer_source = base if vocabulary is None or vocabulary.source in ("base", "union") else vocabulary.source
-    return MergeConfig(
+    config = MergeConfig(
         raw=raw,
         method_name=raw.merge_method,
         base_model=base,
@@ -558,6 +560,11 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         vocabulary=vocabulary,
         chat_template=_chat_template(raw.chat_template, source),
     )
+    if getattr(params, "normalize", True) is False and raw.merge_method == "linear" and not (config.exact and all(m.lambda_ == 1.0 for m in model_params)):
+        from pcbcore.methods.linear import UNNORMALISED
+
+        raise MergeInputError(f"{source}: key 'parameters.normalize': {UNNORMALISED}")
+    return config
 
 
 def _vocabulary(raw: RawMergeConfig, source: str, base: str, named: list[str]) -> VocabularySpec | None:

@@ -145,11 +145,17 @@ def test_ties_density_is_exact_over_a_streamed_tensor(monkeypatch):
     monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 300)
     monkeypatch.setattr(executor, "STREAM_BLOCK_ELEMENTS", 300)
     task = {"w": torch.tensor([1.0, 2.0, 2.0, 3.0] * 250).reshape(100, 10)}
-    config = parse_merge_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"density": 0.6}}]})
-    out = merge_state_dicts(config, {"w": torch.zeros(100, 10)}, [task])["w"].reshape(-1)
-    assert int((out != 0).sum()) == 600  # all 250 threes, and the first 350 of the 500 tied twos
+    data = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"density": 0.6}}]}
+    # the components form (float32 maths), streamed in blocks: all 250 threes, and the first 350 of the 500 tied twos
+    out = merge_state_dicts(parse_merge_config({**data, "compute_dtype": "float32"}), {"w": torch.zeros(100, 10)}, [task])["w"].reshape(-1)
+    assert int((out != 0).sum()) == 600
     twos = (out == 2.0).nonzero().reshape(-1)
     assert len(twos) == 350 and int(twos.max()) < int((task["w"].reshape(-1) == 2.0).nonzero().reshape(-1)[350])
+    # mergekit's op order (the file as mergekit runs it): the same count, the twos its unstable argsort keeps
+    out = merge_state_dicts(parse_merge_config(data), {"w": torch.zeros(100, 10)}, [task])["w"].reshape(-1)
+    kept = torch.zeros(1000, dtype=torch.bool)
+    kept[torch.argsort(task["w"].reshape(-1), descending=True)[:600]] = True
+    assert int((out != 0).sum()) == 600 and torch.equal(out != 0, kept)
 
 
 def test_dtype_is_the_working_dtype_and_compute_dtype_opts_into_float32(tiny_zoo):
@@ -176,3 +182,21 @@ def test_cli_refuses_a_slice_past_the_models_layers(tiny_zoo, tmp_path, capsys):
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(path) in message and "slices[0].sources[0].layer_range" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_linear_without_normalize_is_mergekits_plain_weighted_sum():
+    """mergekit's `linear` with `normalize: false`: Σ w_i θ_i accumulated in float32, rounded to bf16; it has
+    no components form, so pcbmerge's float32 opt-in refuses it in one sentence naming the key."""
+    generator = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(6, 4, generator=generator).to(torch.bfloat16)}
+    models = [{"w": torch.randn(6, 4, generator=generator).to(torch.bfloat16)} for _ in range(2)]
+    data = {
+        "merge_method": "linear",
+        "models": [{"model": "a", "parameters": {"weight": 0.7}}, {"model": "b", "parameters": {"weight": 0.6}}],
+        "parameters": {"normalize": False},
+    }
+    out = merge_state_dicts(parse_merge_config(data), base, models)["w"]
+    expected = (models[0]["w"].float() * 0.7 + models[1]["w"].float() * 0.6).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    with pytest.raises(MergeInputError, match=r"lin.yml: key 'parameters.normalize': linear with normalize: false"):
+        parse_merge_config({**data, "compute_dtype": "float32"}, source="lin.yml")

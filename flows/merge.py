@@ -17,13 +17,13 @@ from flows.run_context import prefect_tags, tracked_params
 from pipeline.config import PipelineConfig
 from pipeline.lineage import lineage_node
 from pipeline.outputs import MergedCheckpoint
-from pipeline.references import FetchedCheckpoint, input_labels
+from pipeline.references import FetchedCheckpoint, adapter_of, checkpoint_of, input_labels
 from pipeline.registry import describe_registration
 from pipeline.scores import EvalResult
 from pipeline.settings import load_settings
 from tasks.evaluate import evaluate_checkpoint
 from tasks.fetch import fetch_checkpoint
-from tasks.merge import merge_checkpoint
+from tasks.merge import apply_lora, merge_checkpoint
 from tasks.report import publish_report
 from tasks.track import finish_tracking, log_lineage, log_lineage_views, reap_dead_runs, register_model, start_tracking, track_results
 from tasks.validate import validate_checkpoints
@@ -61,7 +61,7 @@ def merge_flow(config: PipelineConfig) -> MergeOutcome:
 
         scores: dict[str, EvalResult] = {}
         if config.evaluation is not None:
-            for label, checkpoint in _to_evaluate(config, inputs, merged):
+            for label, checkpoint in _to_evaluate(config, inputs, merged, cache_dir, device):
                 scores[label] = evaluate_checkpoint(label, checkpoint.folder, checkpoint.fingerprint, config.evaluation, cache_dir, device)
                 logger.info("%s: %s", label, ", ".join(f"{t} {s.value:.3f}" for t, s in scores[label].scores.items()))
         table = {label: {task: s.value for task, s in result.scores.items()} for label, result in scores.items()}
@@ -100,12 +100,20 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def _to_evaluate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], merged: MergedCheckpoint):
+def _to_evaluate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], merged: MergedCheckpoint, cache_dir: str, device: str):
     """(label, checkpoint) pairs: the base and each model when baselines are asked, then the merge."""
     merge = config.merge_config()
     pairs = []
     if config.evaluation.baselines:
-        pairs.append(("base", inputs[merge.base_model]))
-        pairs += [(label, inputs[ref]) for label, ref in input_labels(merge.models, inputs, {"base", "merged"})]
+        pairs.append(("base", baseline_checkpoint(merge.base_model, inputs, cache_dir, device)))
+        pairs += [(label, baseline_checkpoint(ref, inputs, cache_dir, device)) for label, ref in input_labels(merge.models, inputs, {"base", "merged"})]
     pairs.append(("merged", merged))
     return pairs
+
+
+def baseline_checkpoint(ref: str, inputs: dict[str, FetchedCheckpoint], cache_dir: str, device: str) -> FetchedCheckpoint | MergedCheckpoint:
+    """What a baseline of model reference `ref` scores: the fetched model, or for `model+lora` the model
+    with its adapter applied (written once into the cache), the model the merge read."""
+    if adapter_of(ref, inputs) is None:
+        return checkpoint_of(ref, inputs)
+    return apply_lora(ref, inputs, cache_dir, device)

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from flows.run_context import prefect_tags, tracked_params
 from pipeline.lineage import lineage_node
 from pipeline.plots import convergence_png
+from pipeline.references import checkpoint_of, reference_label
 from pipeline.registry import describe_registration
 from pipeline.search_config import SearchPipelineConfig
 from pipeline.search_state import (
@@ -114,7 +115,7 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
     fetched = [fetch_checkpoint(ref, cache_dir) for ref in config.references()]
     inputs = {checkpoint.ref: checkpoint for checkpoint in fetched}
     validate_checkpoints(config, inputs)
-    tokenizer_folder = inputs[merge.tokenizer_source].folder
+    tokenizer_folder = checkpoint_of(merge.tokenizer_source, inputs).folder  # (a merge's own vocabulary: the components')
 
     arms = [(ratio, with_ratio(config, ratio)) for ratio in config.ratios()]
     saved = {ratio: load_search_state(search_key(config, ratio, components_folder(arm, inputs, cache_dir)[0])) for ratio, arm in arms} if resume else {}
@@ -182,7 +183,7 @@ def search_flow(config: SearchPipelineConfig, resume: bool = False, stop_after_r
             "rounds": outcome.rounds,
             "stopped": {str(s.ratio): s.stop for s in states},
         }
-        track_search_summary(run_id, convergence_png(rounds, [inputs[ref].label for ref in merge.models]), summary, _search_tags(config, outcome))
+        track_search_summary(run_id, convergence_png(rounds, [reference_label(ref, inputs) for ref in merge.models]), summary, _search_tags(config, outcome))
         lineage = lineage_node(final, inputs, merged, run_id, flow_run.get_id())
         lineage["search"] = {
             "settings": config.search.model_dump(mode="json"),

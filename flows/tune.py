@@ -22,10 +22,11 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from flows.merge import baseline_checkpoint
 from flows.run_context import prefect_tags, tracked_params
 from pipeline import tuning
 from pipeline.lineage import lineage_node
-from pipeline.references import input_labels
+from pipeline.references import checkpoint_of, input_labels
 from pipeline.registry import describe_registration
 from pipeline.search_state import (
     SearchState,
@@ -111,7 +112,7 @@ def tune_flow(config: TunePipelineConfig, resume: bool = False, stop_after_round
     run = _Run(
         cache_dir=cache_dir,
         device=device,
-        tokenizer_folder=inputs[config.merge_config().tokenizer_source].folder,
+        tokenizer_folder=checkpoint_of(config.merge_config().tokenizer_source, inputs).folder,
         run_id=run_id,
         state=saved or TuneState(key=key, run_id=run_id),
         stop_after_rounds=stop_after_rounds,
@@ -134,7 +135,8 @@ def tune_flow(config: TunePipelineConfig, resume: bool = False, stop_after_round
         baselines = {}
         if config.evaluation.baselines:  # for the report: what the merges are measured against
             for label, ref in _baseline_labels(config, inputs):
-                scored = evaluate_checkpoint(label, inputs[ref].folder, inputs[ref].fingerprint, config.evaluation, cache_dir, device)
+                checkpoint = baseline_checkpoint(ref, inputs, cache_dir, device)  # a model+lora: the adapter applied
+                scored = evaluate_checkpoint(label, checkpoint.folder, checkpoint.fingerprint, config.evaluation, cache_dir, device)
                 baselines[label] = {task: score.value for task, score in scored.scores.items()}
                 run.history.append(TuneEvaluation(stage="baseline", split=config.evaluation.split, method=label))
         table = publish_leaderboard(run_id, rows, config.evaluation.split)

@@ -20,6 +20,12 @@ parameter per model on disk, 2.5 for four experts, and nothing held in memory be
 
 Files are read with positioned reads, a block at a time, never memory-mapped whole (as `CheckpointReader`
 does): a worker's resident memory grows by one tensor, not by the components.
+
+θ_pre is read as the merge reads it: with a LoRA applied when the base is a `model+lora` reference, and in
+the output vocabulary's rows when the config builds one (`tokenizer_source`, `tokenizer:`). A store whose
+output vocabulary or chat template differs from the base's also holds the merge's side files (`SIDE_FILES`:
+config.json with the output's `vocab_size`, the tokenizer files, the chat template, as `merge_to_folder`
+writes them), so a candidate is scored with the tokenizer the written merge will have.
 """
 
 from __future__ import annotations
@@ -34,18 +40,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcbcore.checkpoint import CheckpointReader, atomic_output
+from pcbcore.checkpoint import CheckpointReader, atomic_output, copy_side_files
 from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
 from pcbcore.executor import BlockLoader, Progress, block_shape, merged_blocks, stream_components
 from pcbcore.inputs import open_inputs
+from pcbcore.lora import split_reference
 from pcbcore.memory import keep_freed_memory
 from pcbcore.methods import combine
+from pcbcore.tokenizer import choose_chat_template, model_folder, set_vocab_size, write_chat_template, write_tokenizer
 
 COMPONENTS_MANIFEST = "components.json"
 COMPONENTS_FORMAT = 2  # 2: bf16, sparse or recomputed (1: dense float32); part of a store's cache key
-RECOMPUTE_CONFIG = "merge_config.pkl"  # the MergeConfig a `recompute` store merges with (written by us, read by us)
+# The MergeConfig the store was computed from (written by us, read by us): a `recompute` store merges with
+# it; a stored one reads its base through it when the merge reads the base changed (a LoRA, a vocabulary).
+RECOMPUTE_CONFIG = "merge_config.pkl"
+SIDE_FILES = "side_files"  # the merge's config.json, tokenizer and chat template, when they differ from the base's
 STORED_BYTES_PER_MODEL = 0.625  # bytes per merged parameter per model: 2.5 for a 4-expert search
 
 # The layer number of a tensor: its first purely numeric name segment (`model.layers.3.`, `transformer.h.3.`,
@@ -129,8 +140,8 @@ def compute_components(
     try:
         with atomic_output(out_dir, overwrite=overwrite) as tmp:
             manifest = {
-                "base_model": str(Path(config.base_model).resolve()),
-                "models": [str(Path(m).resolve()) for m in config.models],
+                "base_model": str(model_folder(config.base_model).resolve()),
+                "models": [_resolved_ref(m) for m in config.models],
                 "config": config.describe(),
                 "out_dtypes": {t.name: str(config.out_dtype or t.dtype).removeprefix("torch.") for t in inputs.merged},
                 "passthrough": [t.name for t in inputs.passthrough],
@@ -140,14 +151,48 @@ def compute_components(
             storage = None
             if config.method.scales is None and not (config.zero_base or config.raw.slices):
                 storage = _store(config, inputs, dev, tmp, n, budget * inputs.numel, progress)
-            if storage is None:
+            if storage is None or _reads_base_changed(config):
                 (tmp / RECOMPUTE_CONFIG).write_bytes(pickle.dumps(config))
+            if storage is None:
                 storage = {"form": "recompute"}
             manifest["storage"] = storage
+            if inputs.vocabulary is not None or config.chat_template is not None:
+                manifest["side_files"] = SIDE_FILES
+                manifest["vocab_rows"] = inputs.vocabulary.rows if inputs.vocabulary is not None else None
+                _write_side_files(config, inputs, tmp / SIDE_FILES)
             (tmp / COMPONENTS_MANIFEST).write_text(json.dumps(manifest) + "\n")
     finally:
         inputs.close()
     return out_dir
+
+
+def _resolved_ref(ref: str) -> str:
+    """A model reference with its folder (and a LoRA's) made absolute."""
+    model, lora = split_reference(ref)
+    return str(Path(model).resolve()) if lora is None else f"{Path(model).resolve()}+{Path(lora).resolve()}"
+
+
+def _reads_base_changed(config: MergeConfig) -> bool:
+    """Whether the merge reads θ_pre otherwise than as its folder stores it: a LoRA applied, or permuted
+    into the output vocabulary."""
+    return config.vocabulary is not None or split_reference(config.base_model)[1] is not None
+
+
+def _write_side_files(config: MergeConfig, inputs, folder: Path) -> None:
+    """What `merge_to_folder` writes besides the weights: the base's config.json (its `vocab_size` the output
+    vocabulary's), generation config and tokenizer files, the tokenizer source's, the vocabulary's added
+    tokens, the chat template."""
+    folder.mkdir()
+    base_dir, tokenizer_dir = model_folder(config.base_model), model_folder(config.tokenizer_source)
+    copy_side_files(base_dir, folder, config.out_dtype)
+    if tokenizer_dir != base_dir:
+        copy_side_files(tokenizer_dir, folder, None, tokenizer_only=True)
+    if inputs.vocabulary is not None:
+        write_tokenizer(inputs.vocabulary, folder)
+        set_vocab_size(folder / "config.json", inputs.vocabulary.rows)
+    template = choose_chat_template(config) if config.chat_template else None
+    if template is not None:
+        write_chat_template(template, folder)
 
 
 def _store(config: MergeConfig, inputs, dev: torch.device, tmp: Path, n: int, budget_bytes: float, progress: Progress | None) -> dict | None:
@@ -199,23 +244,33 @@ class StoredComponents:
         layers = [layer for name in self.names if (layer := layer_index(name)) is not None]
         self.n_layers = max(layers) + 1 if layers else 1
         self.shapes = {k: tuple(v) for k, v in manifest.get("shapes", {}).items()}
-        self._base = CheckpointReader(self.base_dir)
+        # The output's side files (None: the base's config and the tokenizer source's tokenizer hold) and its
+        # vocabulary tensors' rows (None: the base's).
+        self.side_files = self.folder / manifest["side_files"] if manifest.get("side_files") else None
+        self.vocab_rows = manifest.get("vocab_rows")
+        config_file = self.folder / RECOMPUTE_CONFIG
+        self._config = pickle.loads(config_file.read_bytes()) if self.form == "recompute" or config_file.is_file() else None
+        # θ_pre as the merge read it (a LoRA applied, the vocabulary's rows): through the merge's own inputs.
+        self._inputs = open_inputs(self._config) if self.form != "recompute" and self._config is not None and _reads_base_changed(self._config) else None
+        self._base = self._inputs.base if self._inputs is not None else CheckpointReader(self.base_dir)
         if not self.shapes:
             self.shapes = {name: tuple(self._base.tensors[name].shape) for name in self.names}
-        self._config = pickle.loads((self.folder / RECOMPUTE_CONFIG).read_bytes()) if self.form == "recompute" else None
         self._legacy = [CheckpointReader(self.folder / f"model-{i}") for i in range(self.n_models)] if self.form == "legacy" else None
         self._fds = [os.open(self.folder / f"model-{i}.bin", os.O_RDONLY) for i in range(self.n_models)] if self.form == "stored" else None
 
     @property
     def stored_bytes(self) -> int:
         """Bytes of components on disk (0 for a `recompute` store)."""
-        files = [p for p in self.folder.rglob("*") if p.is_file() and p.name not in (COMPONENTS_MANIFEST, RECOMPUTE_CONFIG)]
+        files = [p for p in self.folder.rglob("*") if p.is_file() and p.name not in (COMPONENTS_MANIFEST, RECOMPUTE_CONFIG) and p.parent.name != SIDE_FILES]
         return sum(p.stat().st_size for p in files)
 
     def close(self) -> None:
         for fd in self._fds or []:
             os.close(fd)
         self._fds = None
+        if getattr(self, "_inputs", None) is not None:
+            self._inputs.close()
+            self._inputs = None
 
     def _rows(self, lambdas, groups: int) -> torch.Tensor:
         lambdas = torch.as_tensor(lambdas, dtype=torch.float32)

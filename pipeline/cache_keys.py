@@ -15,10 +15,24 @@ PCBMERGE_VERSION = importlib.metadata.version("pcbmerge")
 
 
 def merge_recipe(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], with_lambdas: bool = True) -> dict[str, Any]:
-    """The merge as `MergeConfig.describe()` says, with every reference replaced by its content fingerprint."""
+    """The merge as `MergeConfig.describe()` says, with every reference replaced by its content fingerprint
+    (a `model+lora` reference by both: `MODEL+ADAPTER`), plus what else shapes the output when the file
+    sets it: the output vocabulary, the chat template, the working dtypes, the slices. Keys a file leaves
+    out add nothing, so the recipes of merges without them stay as they were."""
     merge = config.merge_config().with_paths(lambda ref: inputs[ref].fingerprint)
     recipe = merge.describe()
     recipe["tokenizer"] = merge.tokenizer_source
+    if merge.vocabulary is not None:
+        vocabulary = merge.vocabulary
+        tokens = [[token, setting.model_dump(mode="json")] for token, setting in vocabulary.tokens]
+        recipe["vocabulary"] = {"source": vocabulary.source, "tokens": tokens, "pad_to_multiple_of": vocabulary.pad_to_multiple_of}
+    if merge.chat_template is not None:
+        recipe["chat_template"] = merge.chat_template
+    for key in ("dtype", "compute_dtype"):
+        if getattr(merge.raw, key) is not None:
+            recipe[key] = getattr(merge.raw, key)
+    if merge.raw.slices:
+        recipe["slices"] = [[[[s.model, s.layer_range, s.parameters] for s in spec.sources], spec.parameters] for spec in merge.slices]
     recipe["pcbmerge"] = PCBMERGE_VERSION
     if not with_lambdas:
         for model in recipe["models"]:

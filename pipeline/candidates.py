@@ -1,5 +1,7 @@
 """One search candidate: θ_pre + Σ λ_i C_i (SPEC eq. 1) built in memory from the stored components on the
-worker's device, loaded into a pooled model (never written as a checkpoint) and scored with lm-eval.
+worker's device, loaded into a pooled model (never written as a checkpoint) and scored with lm-eval. A merge
+with its own output vocabulary is built in that vocabulary (the model's embeddings resized to its rows) and
+scored with the tokenizer the written merge gets (the store's side files).
 Its score is keyed on (components key, λ, tasks, split, limit, task files, lm-eval version), so a resumed
 search never evaluates the same candidate twice."""
 
@@ -60,7 +62,9 @@ def score_candidate(request: CandidateRequest) -> CandidateScore:
     cache = worker_pool()
     components = cache.stored(request.components_folder, device)
     base_dir = str(components.base_dir)
-    pair = cache.take_model(base_dir, request.tokenizer_folder, device, request.dtype)
+    # A merge that builds its own vocabulary (or chat template) is scored with the tokenizer it will be written with.
+    tokenizer_dir = str(components.side_files) if components.side_files is not None else request.tokenizer_folder
+    pair = cache.take_model(base_dir, tokenizer_dir, device, request.dtype, components.vocab_rows)
     try:
         started = time.perf_counter()
         build_candidate(pair[0], components, request.lambdas, request.layer_groups)
@@ -80,7 +84,7 @@ def score_candidate(request: CandidateRequest) -> CandidateScore:
         )
         evaluated = time.perf_counter()
     finally:
-        cache.give_back(base_dir, request.tokenizer_folder, device, pair, request.dtype)
+        cache.give_back(base_dir, tokenizer_dir, device, pair, request.dtype, components.vocab_rows)
     scores = {name: score.value for name, score in result.scores.items()}
     fitness = fitness_of(scores, request.weights)
     log.info("λ=%s fitness %.4f (build %.3fs, evaluate %.2fs)", format_lambdas(request.lambdas), fitness, built - started, evaluated - built)

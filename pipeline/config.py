@@ -5,6 +5,7 @@
     models:
       - model: models:/my-merge/2
       - model: org/expert-b
+      - model: org/base+path/to/lora        # model+lora: both fetched and fingerprinted, the adapter applied as read
     parameters: {ratio: 0.1}
     evaluation:
       tasks: [zoo_reverse, zoo_sort]
@@ -117,23 +118,19 @@ class PipelineConfig(RawMergeConfig):
         return parse_merge_config(self.merge_data(), source=source)
 
     def references(self) -> list[str]:
-        """Every checkpoint reference to fetch, base first, each once (a tokenizer source too)."""
+        """Every checkpoint reference to fetch, base first, each once (a tokenizer source too). A `model+lora`
+        reference is two: its model and its LoRA adapter, each fetched and fingerprinted on its own."""
         config = self.merge_config()
-        refs = [config.base_model, *config.models, config.tokenizer_source]
+        refs = [part for ref in (config.base_model, *config.models, config.tokenizer_source) for part in reference_parts(ref)]
         return list(dict.fromkeys(refs))
 
 
-def check_pipeline_merge(merge: MergeConfig, source: str) -> None:
-    """What `pcbmerge merge` runs but the pipeline cannot yet: it fetches, fingerprints and records whole
-    checkpoints, so a `model+lora` reference (an adapter applied at load time) is refused here, naming it."""
+def reference_parts(ref: str) -> list[str]:
+    """The checkpoints a model reference names: the model, then its LoRA adapter for `model+lora`."""
     from pcbcore.lora import split_reference
 
-    for key, ref in [("base_model", merge.base_model), *(("models", ref) for ref in merge.models)]:
-        if split_reference(ref)[1] is not None:
-            raise MergeInputError(
-                f"{source}: key '{key}': the model+lora reference '{ref}' runs with `pcbmerge merge` only; the pipeline fetches "
-                "whole checkpoints: merge the adapter into its model first (pcbmerge merge) and name that folder"
-            )
+    model, lora = split_reference(ref)
+    return [model] if lora is None else [model, lora]
 
 
 def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
@@ -141,8 +138,7 @@ def parse_pipeline_config(data: Any, source: str = "config") -> PipelineConfig:
     if not isinstance(data, dict):
         raise MergeInputError(f"{source}: a pipeline config must be a YAML mapping with 'merge_method', 'base_model' and 'models'")
     merge_part = {k: v for k, v in data.items() if k in MERGE_KEYS}
-    merge = parse_merge_config(merge_part, source=source)  # the merge keys' own, precise messages first
-    check_pipeline_merge(merge, source)
+    parse_merge_config(merge_part, source=source)  # the merge keys' own, precise messages first
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -180,7 +176,7 @@ def absolute_paths(data: dict[str, Any], root: Path | None = None) -> dict[str, 
     URI, or a path that does not exist (refused later with its own message). `output` is a folder to
     create, so a relative one is taken from the working folder, as it was before it was made absolute."""
 
-    def anchor(ref: Any) -> Any:
+    def anchor_one(ref: Any) -> Any:
         if not isinstance(ref, str) or not ref or ref.startswith("models:/"):
             return ref
         path = Path(ref).expanduser()
@@ -191,6 +187,13 @@ def absolute_paths(data: dict[str, Any], root: Path | None = None) -> dict[str, 
                 return str(candidate.resolve())
         return ref
 
+    def anchor(ref: Any) -> Any:
+        # `model+lora`: each part on its own (unless a folder of that whole name exists, as `split_reference` reads it)
+        parts = ref.split("+") if isinstance(ref, str) else []
+        if len(parts) == 2 and all(parts) and not any(p.exists() for p in (Path(ref).expanduser(), *([root / ref] if root is not None else []))):
+            return "+".join(str(anchor_one(part)) for part in parts)
+        return anchor_one(ref)
+
     data = dict(data)
     if "base_model" in data:
         data["base_model"] = anchor(data["base_model"])
@@ -198,11 +201,39 @@ def absolute_paths(data: dict[str, Any], root: Path | None = None) -> dict[str, 
         data["tokenizer_source"] = anchor(data.get("tokenizer_source"))
         if data["tokenizer_source"] is None:
             del data["tokenizer_source"]
+    if isinstance(data.get("tokenizer"), dict):
+        data["tokenizer"] = _anchored_tokenizer_block(data["tokenizer"], anchor)
     if isinstance(data.get("models"), list):
         data["models"] = [{**m, "model": anchor(m.get("model"))} if isinstance(m, dict) else m for m in data["models"]]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [
+            {**s, "sources": [{**src, "model": anchor(src.get("model"))} if isinstance(src, dict) else src for src in s["sources"]]}
+            if isinstance(s, dict) and isinstance(s.get("sources"), list)
+            else s
+            for s in data["slices"]
+        ]
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("include_path"), str):
         data["evaluation"] = {**evaluation, "include_path": anchor(evaluation["include_path"])}
     if isinstance(data.get("output"), str) and data["output"]:
         data["output"] = str(Path(data["output"]).expanduser().resolve())
     return data
+
+
+def _anchored_tokenizer_block(block: dict[str, Any], anchor) -> dict[str, Any]:
+    """The `tokenizer:` block with its model references anchored as the models are, so a token's `source`
+    still names one of the merge's models."""
+    block = dict(block)
+    if isinstance(block.get("source"), str) and block["source"] not in TOKENIZER_WORDS:
+        block["source"] = anchor(block["source"])
+    if isinstance(block.get("tokens"), dict):
+        tokens = {}
+        for token, setting in block["tokens"].items():
+            source = setting.get("source") if isinstance(setting, dict) else None
+            if isinstance(source, str):
+                setting = {**setting, "source": anchor(source)}
+            elif isinstance(source, dict) and isinstance(source.get("model"), str):
+                setting = {**setting, "source": {**source, "model": anchor(source["model"])}}
+            tokens[token] = setting
+        block["tokens"] = tokens
+    return block

@@ -1,5 +1,5 @@
 """Lineage: what one merge was made of (a node: method, parameters, λ, every input with its revision and
-fingerprint), as tags and a description for its registered version (`pipeline.registry` stores and reads it back).
+fingerprint, the LoRA adapter of a `model+lora` reference as an input of its own), as tags and a description for its registered version (`pipeline.registry` stores and reads it back).
 A merged model can itself be an input to a later merge; lineage is then a tree."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pcbcore.lora import split_reference
 from pipeline.report import applicable_parameters, input_link, shared_model_parameters, short_revision
 
 LINEAGE_ARTIFACT = "lineage.json"
@@ -21,6 +22,14 @@ def lineage_node(config, inputs: dict, merged, run_id: str, flow_run_id: str | N
     """
     merge = config.merge_config()
     entries = [("base", merge.base_model, None)] + [("model", ref, params.model_dump(by_alias=True)) for ref, params in zip(merge.models, merge.model_params)]
+    items, adapters = [], []
+    for role, ref, params in entries:
+        # (`pipeline.references.checkpoint_of` / `adapter_of`, which this module cannot import: references → registry → lineage)
+        model_ref, lora_ref = split_reference(ref)
+        model, adapter = inputs[model_ref], None if lora_ref is None else inputs[lora_ref]
+        items.append({**_input_item(role, model, params), **({"adapter": adapter.ref} if adapter else {})})
+        if adapter is not None:
+            adapters.append({**_input_item("lora", adapter, None), "applied_to": model.ref})
     return {
         "model": merged.folder,
         "method": merge.method_name,
@@ -29,19 +38,22 @@ def lineage_node(config, inputs: dict, merged, run_id: str, flow_run_id: str | N
         "fingerprint": merged.fingerprint,
         "run_id": run_id,
         "flow_run_id": flow_run_id,
-        "inputs": [
-            {
-                "role": role,
-                "ref": ref,
-                "source": inputs[ref].source,
-                "revision": inputs[ref].revision,
-                "fingerprint": inputs[ref].fingerprint,
-                "registered": inputs[ref].registered.model_dump() if inputs[ref].registered else None,
-                "parameters": params,
-                "lineage": None,
-            }
-            for role, ref, params in entries
-        ],
+        # The LoRA adapters of `model+lora` references come after the base and the models (each names the
+        # model it is applied to), so the models' order is λ's order.
+        "inputs": items + adapters,
+    }
+
+
+def _input_item(role: str, checkpoint, params: dict | None) -> dict[str, Any]:
+    return {
+        "role": role,
+        "ref": checkpoint.ref,
+        "source": checkpoint.source,
+        "revision": checkpoint.revision,
+        "fingerprint": checkpoint.fingerprint,
+        "registered": checkpoint.registered.model_dump() if checkpoint.registered else None,
+        "parameters": params,
+        "lineage": None,
     }
 
 
@@ -72,6 +84,9 @@ def lineage_tags(node: dict[str, Any]) -> dict[str, str]:
         tags[f"{prefix}.fingerprint"] = item["fingerprint"]
         if item.get("parameters"):
             tags[f"{prefix}.parameters"] = json.dumps(item["parameters"], sort_keys=True)
+        for key in ("adapter", "applied_to"):  # a model+lora reference: the model's adapter, the adapter's model
+            if item.get(key):
+                tags[f"{prefix}.{key}"] = item[key]
         if item.get("registered"):
             tags[f"{prefix}.registered"] = f"models:/{item['registered']['name']}/{item['registered']['version']}"
         link = input_link(item, tracking_uri)

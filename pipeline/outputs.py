@@ -5,6 +5,9 @@ The output's identity is its recipe: the method, its parameters, λ and the inpu
 Its digest (the merge key) is written into the folder's `pcbmerge_config.yml` as the first line, inside
 the same atomic rename as the weights, so a folder carrying the key is a finished merge of that recipe:
 a re-run (after a crash, or with `--out` pointing at it) reuses it instead of merging again.
+
+A `model+lora` reference scored as a baseline is written the same way (`write_adapted`): its adapter
+applied to its model once, into a cache folder keyed on both fingerprints.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from pydantic import BaseModel
 
 from pcbcore.checkpoint import atomic_output
 from pcbcore.components import StoredComponents
+from pcbcore.config import parse_merge_config
 from pcbcore.device import resolve_device
 from pcbcore.executor import merge_to_folder
-from pipeline.cache_keys import digest, merge_recipe
+from pipeline.cache_keys import PCBMERGE_VERSION, digest, merge_recipe
 from pipeline.candidates import build_candidate
 from pipeline.config import PipelineConfig
 from pipeline.fingerprints import fingerprint_folder
 from pipeline.locks import exclusive
-from pipeline.references import FetchedCheckpoint
+from pipeline.model_pool import load_candidate_model, load_tokenizer
+from pipeline.references import FetchedCheckpoint, adapter_of, checkpoint_of
 
 CONFIG_FILE = "pcbmerge_config.yml"
 KEY_LINE = "# pcbmerge merge key: "
@@ -110,8 +115,6 @@ def write_layer_group_merge(
 ) -> MergedCheckpoint:
     """Write the merge a per-layer-group genome names (the streaming merge takes one λ per model, so this one
     is built from the stored components, like a candidate, and saved with transformers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     groups = layer_groups
     key = digest([components_key, groups, [float(x) for x in genome]])
     folder = Path(config.output).expanduser().resolve() if config.output else Path(cache_dir) / "merges" / key[:24]
@@ -120,11 +123,12 @@ def write_layer_group_merge(
     reused = marker.is_file() and marker.read_text().strip() == key
     if not reused:
         stored = StoredComponents(components_folder, device=str(resolve_device(device)))
-        model = AutoModelForCausalLM.from_pretrained(stored.base_dir, trust_remote_code=False)
+        model = load_candidate_model(str(stored.base_dir), "cpu", "auto", stored.vocab_rows)
         build_candidate(model, stored, genome, groups)
         with atomic_output(folder, overwrite=config.overwrite or not config.output) as tmp:
             model.to("cpu").save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=False).save_pretrained(tmp)
+            # the merge's own tokenizer (a vocabulary, a chat template) where it has one, as the candidates had
+            load_tokenizer(str(stored.side_files) if stored.side_files is not None else tokenizer_folder).save_pretrained(tmp)
             (tmp / "pcbmerge_search.json").write_text(key + "\n")
         logger.info("wrote the %d-group merge to %s", groups, folder)
     return MergedCheckpoint(
@@ -133,6 +137,41 @@ def write_layer_group_merge(
         fingerprint=fingerprint_folder(folder, Path(cache_dir) / "digests"),
         method=config.merge_method,
         lambdas=[float(x) for x in genome],
+        reused=reused,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def adapted_folder(ref: str, inputs: dict[str, FetchedCheckpoint], cache_dir: str) -> tuple[str, Path]:
+    """(key, folder) of a `model+lora` reference written as a checkpoint: keyed on both fingerprints."""
+    model, adapter = checkpoint_of(ref, inputs), adapter_of(ref, inputs)
+    assert adapter is not None, ref
+    key = digest({"lora_applied": [model.fingerprint, adapter.fingerprint], "pcbmerge": PCBMERGE_VERSION})
+    return key, Path(cache_dir) / "adapted" / key[:24]
+
+
+def write_adapted(
+    ref: str, inputs: dict[str, FetchedCheckpoint], cache_dir: str, device: str, logger: logging.Logger | logging.LoggerAdapter
+) -> MergedCheckpoint:
+    """A `model+lora` reference as a checkpoint of its own (to score it as a baseline): pcbcore's merge of
+    that one reference alone (`passthrough`), so every tensor is exactly what the merge read (W + s·B·A,
+    rounded once to W's dtype) and the side files are the model's. Written once into the cache."""
+    model, adapter = checkpoint_of(ref, inputs), adapter_of(ref, inputs)
+    key, folder = adapted_folder(ref, inputs, cache_dir)
+    started = time.perf_counter()
+    with exclusive(f"merge\n{folder}"):
+        reused = finished_merge(folder, key)
+        if not reused:
+            merge = parse_merge_config({"merge_method": "passthrough", "models": [{"model": f"{model.folder}+{adapter.folder}"}]}, source=ref)
+            text = KEY_LINE + key + "\n" + yaml.safe_dump({"merge_method": "passthrough", "models": [{"model": ref}]}, sort_keys=False)
+            merge_to_folder(merge, folder, device=device, overwrite=True, progress=ProgressLog(logger), config_text=text)
+            logger.info("applied LoRA %s to %s in %s", adapter.ref, model.ref, folder)
+    return MergedCheckpoint(
+        folder=str(folder),
+        key=key,
+        fingerprint=fingerprint_folder(folder, Path(cache_dir) / "digests"),
+        method="passthrough",
+        lambdas=[1.0],
         reused=reused,
         seconds=round(time.perf_counter() - started, 3),
     )

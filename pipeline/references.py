@@ -7,6 +7,9 @@ A reference is one of
 - an MLflow registered model (`models:/NAME/VERSION` or `models:/NAME@alias`), so a merged model can be
   merged again; it is downloaded once into the cache folder.
 
+A config's `model+lora` reference is two references, the model and its peft LoRA adapter, each fetched
+and fingerprinted on its own (`checkpoint_of`, `adapter_of`).
+
 The fingerprint is `pipeline.fingerprints.combine_digests` over the folder's weight and JSON files.
 A reference that resolves to nothing fails at once, naming it.
 """
@@ -22,6 +25,7 @@ from pydantic import BaseModel
 
 from pcbcore.card import HUB_ID
 from pcbcore.errors import MergeInputError
+from pcbcore.lora import split_reference
 from pipeline import registry
 from pipeline.fingerprints import WEIGHT_SUFFIXES, combine_digests, fingerprint_files
 
@@ -108,12 +112,30 @@ SOURCES: list[Source] = [
 ]
 
 
+def checkpoint_of(ref: str, inputs: dict[str, FetchedCheckpoint]) -> FetchedCheckpoint:
+    """The fetched model of a model reference (of `model+lora`, the model; its adapter is `adapter_of`)."""
+    return inputs[split_reference(ref)[0]]
+
+
+def adapter_of(ref: str, inputs: dict[str, FetchedCheckpoint]) -> FetchedCheckpoint | None:
+    """The fetched LoRA adapter of a `model+lora` reference (None for a plain model)."""
+    lora = split_reference(ref)[1]
+    return None if lora is None else inputs[lora]
+
+
+def reference_label(ref: str, inputs: dict[str, FetchedCheckpoint]) -> str:
+    """A model reference's `label`; `model+lora` is both labels joined by '_' (metric names allow no '+')."""
+    adapter = adapter_of(ref, inputs)
+    model = checkpoint_of(ref, inputs).label
+    return model if adapter is None else f"{model}_{adapter.label}"
+
+
 def input_labels(refs: list[str], inputs: dict[str, FetchedCheckpoint], reserved: set[str]) -> list[tuple[str, str]]:
     """(label, ref) for each input model: its `label`, made unique among themselves and `reserved` (the
     table's other rows, e.g. "base") by appending underscores."""
     taken, pairs = set(reserved), []
     for ref in refs:
-        label = inputs[ref].label
+        label = reference_label(ref, inputs)
         while label in taken:
             label += "_"
         taken.add(label)

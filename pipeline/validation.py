@@ -2,7 +2,8 @@
 
 Checks that every input declares the same architecture as the base (`config.json`), then opens all
 checkpoints lazily (`pcbcore.inputs.open_inputs`) so tensor names and shapes are compared from the
-safetensors headers alone: no tensor is read.
+safetensors headers alone: no tensor is read. A `model+lora` adapter is checked against its model there
+(every adapted tensor present, with the shape B·A gives).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 from pcbcore.errors import MergeInputError
 from pcbcore.inputs import open_inputs
 from pipeline.config import PipelineConfig
-from pipeline.references import FetchedCheckpoint
+from pipeline.references import FetchedCheckpoint, checkpoint_of
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 
@@ -40,10 +41,10 @@ def _architecture(checkpoint: FetchedCheckpoint) -> dict:
 def validate(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint]) -> ValidatedInputs:
     """Same architecture, tensor names and shapes across the base and every model, or `MergeInputError`."""
     merge = config.merge_config()
-    base = inputs[merge.base_model]
+    base = checkpoint_of(merge.base_model, inputs)
     expected = _architecture(base)
     for ref in merge.models:
-        found = _architecture(inputs[ref])
+        found = _architecture(checkpoint_of(ref, inputs))
         for key in ARCHITECTURE_KEYS:
             if key in expected and key in found and expected[key] != found[key]:
                 raise MergeInputError(f"model '{ref}' has {key} {found[key]!r} but base model '{merge.base_model}' has {expected[key]!r}")

@@ -80,3 +80,47 @@ def serving(config: Path, info: dict, folder: Path, **extra_env: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def save_with_added_tokens(source: Path, folder: Path, tokens: list[str], seed: int = 0) -> Path:
+    """`source` (a Hugging Face folder with a tokenizer) saved at `folder` with `tokens` added to its tokenizer
+    and seeded random rows for them in its embeddings and head: a fine-tune that brings its own vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    rows = model.get_input_embeddings().num_embeddings
+    tokenizer.add_tokens(tokens)
+    model.resize_token_embeddings(rows + len(tokens), mean_resizing=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            weight[rows:] = torch.randn(len(tokens), weight.shape[1], generator=gen)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_lora_adapter(model: Path, folder: Path, seed: int, r: int = 2, alpha: float = 4.0, scale: float = 0.2) -> Path:
+    """A peft LoRA adapter folder for `model` (a Llama): seeded random factors on every layer's q_proj and v_proj."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pcbcore.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(model)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, info in reader.tensors.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+            out_features, in_features = info.shape
+            prefix = "base_model.model." + name.removesuffix(".weight")
+            tensors[f"{prefix}.lora_A.weight"] = scale * torch.randn(r, in_features, generator=gen)
+            tensors[f"{prefix}.lora_B.weight"] = scale * torch.randn(out_features, r, generator=gen)
+    reader.close()
+    folder.mkdir(parents=True)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": str(model)}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder

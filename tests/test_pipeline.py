@@ -230,3 +230,73 @@ def test_components_are_stored_once_per_recipe(micro_zoo):
     assert not first.reused and second.reused and first.folder == second.folder
     state = StoredComponents(first.folder, device="cpu").state_dict([0.0, 0.0])
     assert state  # λ = 0 gives the base; the engine's own tests check the values
+
+
+def test_a_lora_reference_is_fetched_merged_and_scored_with_its_adapter(micro_zoo, tmp_path, mlflow_client):
+    """`model+lora` in the pipeline: the model and the adapter are two fingerprinted inputs in the lineage, the
+    merge is `pcbmerge merge`'s (adapter applied), the baseline scores the adapted model (written once into
+    the cache), and another adapter is another merge."""
+    from builders import save_lora_adapter
+    from safetensors.torch import load_file
+
+    from flows.merge import merge_flow
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import merge_to_folder
+    from pcbcore.lora import open_model
+    from pipeline.outputs import adapted_folder, finished_merge, output_folder
+    from pipeline.references import fetch
+    from pipeline.registry import read_lineage
+    from pipeline.settings import load_settings
+
+    expert, other = (micro_zoo.experts[t] for t in micro_zoo.tasks[:2])
+    lora = save_lora_adapter(expert, tmp_path / "lora", seed=5)
+    ref = f"{expert}+{lora}"
+    models = [{"model": ref, "parameters": {"weight": 1.0}}, {"model": str(other), "parameters": {"weight": 0.5}}]
+    evaluation = {"tasks": micro_zoo.tasks[:1], "include_path": str(micro_zoo.task_dir), "limit": 2, "baselines": True}
+    config = _config(micro_zoo, merge_method="task_arithmetic", parameters={}, models=models, evaluation=evaluation, register_as="pipeline-lora")
+    assert config.references() == [str(micro_zoo.base), str(expert), str(lora), str(other)]
+    outcome = merge_flow(config)
+
+    merged = load_file(Path(outcome.folder) / "model.safetensors")
+    direct = merge_to_folder(parse_merge_config(config.merge_data()), tmp_path / "direct", device="cpu")
+    assert merged.keys() == (expected := load_file(Path(direct.out_dir) / "model.safetensors")).keys()
+    assert all(torch_equal(merged[k], expected[k]) for k in merged)
+    assert set(outcome.scores) == {"base", f"{Path(expert).name}_lora", Path(other).name, "merged"}
+
+    cache = str(load_settings().cache_dir)
+    inputs = {r: fetch(r, cache) for r in config.references()}
+    _, adapted = adapted_folder(ref, inputs, cache)
+    assert finished_merge(adapted, adapted_folder(ref, inputs, cache)[0])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch_equal(load_file(adapted / "model.safetensors")[q], open_model(ref).read(q))
+
+    node = read_lineage(outcome.model_uri)
+    assert [i["role"] for i in node["inputs"]] == ["base", "model", "model", "lora"]
+    assert node["inputs"][1]["ref"] == str(expert) and node["inputs"][1]["adapter"] == str(lora)
+    assert node["inputs"][3]["ref"] == str(lora) and node["inputs"][3]["applied_to"] == str(expert)
+    assert node["inputs"][3]["fingerprint"] == inputs[str(lora)].fingerprint
+    tags = mlflow_client.get_model_version("pipeline-lora", "1").tags
+    assert tags["pcbmerge.input.3.role"] == "lora" and tags["pcbmerge.input.1.adapter"] == str(lora)
+
+    other_lora = save_lora_adapter(expert, tmp_path / "lora2", seed=6)
+    second = _config(micro_zoo, merge_method="task_arithmetic", parameters={}, models=[{**models[0], "model": f"{expert}+{other_lora}"}, models[1]])
+    second_inputs = {r: fetch(r, cache) for r in second.references()}
+    assert output_folder(second, second_inputs, cache)[0] != output_folder(config, inputs, cache)[0]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_relative_model_plus_lora_parts_are_anchored_to_the_yaml_folder(tmp_path, monkeypatch):
+    from pipeline.config import load_pipeline_config
+
+    for name in ("base", "ft", "lora"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "merge.yml").write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: ft+lora\n")
+    monkeypatch.chdir("/")
+    config = load_pipeline_config(tmp_path / "merge.yml")
+    assert config.models[0].model == f"{tmp_path / 'ft'}+{tmp_path / 'lora'}"
+    assert config.references() == [str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "lora")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -308,3 +309,78 @@ def test_ties_in_fitness_go_to_the_candidate_nearest_the_start():
     nearest = min(tied, key=lambda x: sum((v - 1.0) ** 2 for v in x))
     assert nearest != tied[0]  # so the earliest of the tied is not the answer by accident
     assert state.best.lambdas == nearest
+
+
+def test_a_union_vocabulary_search_scores_and_writes_its_merge_in_that_vocabulary(micro_zoo, prefect_harness, tmp_path):
+    """`tokenizer_source: union` through the search: the stored components build the base in the union's rows,
+    the candidates are scored with the union tokenizer, and the written winner is `pcbmerge merge` of the
+    config with the winner's λ (tokenizer files and embeddings equal)."""
+    import torch
+    from builders import save_with_added_tokens
+    from safetensors.torch import load_file
+
+    from flows.search import search_flow
+    from pcbcore.components import StoredComponents
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import merge_to_folder
+    from pipeline.model_pool import load_tokenizer
+    from pipeline.references import fetch
+    from pipeline.settings import load_settings
+    from tasks.components import components_folder
+
+    first, second = (micro_zoo.experts[t] for t in micro_zoo.tasks[:2])
+    extra = save_with_added_tokens(second, tmp_path / "extra", ["<x1>", "<x2>"], seed=3)
+    data = _data(micro_zoo, budget=2, popsize=2)
+    data.update(models=[{"model": str(first)}, {"model": str(extra)}], tokenizer_source="union", register_as=None)
+    data["evaluation"]["limit"] = 2
+    config = parse_search_config(data, source="test")
+    outcome = search_flow(config)
+    assert outcome.finished and outcome.evaluations == 2
+
+    written = tmp_path / "direct"
+    models = [{"model": m["model"], "parameters": {"lambda": x}} for m, x in zip(data["models"], outcome.lambdas)]
+    merge_to_folder(parse_merge_config({**config.merge_data(), "models": models}), written, device="cpu")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (written / name).read_text() == Path(outcome.folder, name).read_text(), name
+    ours, theirs = load_file(f"{outcome.folder}/model.safetensors"), load_file(written / "model.safetensors")
+    rows = theirs["model.embed_tokens.weight"].shape[0]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(ours[name], theirs[name]), name
+    assert json.loads(open(f"{outcome.folder}/config.json").read())["vocab_size"] == rows == len(load_tokenizer(str(written)))
+
+    cache = str(load_settings().cache_dir)
+    inputs = {ref: fetch(ref, cache) for ref in config.references()}
+    stored = StoredComponents(components_folder(config, inputs, cache)[1], device="cpu")
+    assert stored.form == "stored" and stored.vocab_rows == rows and len(load_tokenizer(str(stored.side_files))) == rows
+    built = stored.state_dict(outcome.lambdas, dtype=torch.float32)["model.embed_tokens.weight"]
+    torch.testing.assert_close(built, theirs["model.embed_tokens.weight"], atol=2e-3, rtol=2e-3)  # bf16-stored components
+
+
+def test_stored_components_read_a_lora_base_as_the_merge_does(tiny_zoo, tmp_path):
+    """A `model+lora` base: the candidate's θ_pre is the base with its adapter applied, so a stored candidate
+    is the merge itself up to the bf16 rounding of the components."""
+    import torch
+    from builders import save_lora_adapter
+    from safetensors.torch import load_file
+
+    from pcbcore.components import StoredComponents, compute_components
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import merge_to_folder
+    from pcbcore.lora import open_model
+
+    base, models = tiny_zoo
+    lora = save_lora_adapter(base, tmp_path / "lora", seed=1)
+    lambdas = [0.8, 1.2, 1.0]
+    data = {"merge_method": "ties", "base_model": f"{base}+{lora}", "parameters": {"density": 0.2}}
+    data["models"] = [{"model": str(m), "parameters": {"lambda": x}} for m, x in zip(models, lambdas)]
+    config = parse_merge_config(data)
+    stored = StoredComponents(compute_components(config, tmp_path / "c", device="cpu"), device="cpu")
+    merge_to_folder(config, tmp_path / "merged", device="cpu")
+    merged, plain = load_file(tmp_path / "merged" / "model.safetensors"), load_file(Path(base) / "model.safetensors")
+    built, at_zero = stored.state_dict(lambdas, dtype=torch.float32), stored.state_dict([0.0] * 3, dtype=torch.float32)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert stored.form == "stored" and torch.equal(at_zero[q], open_model(f"{base}+{lora}").read(q))  # θ_pre: the adapter applied
+    assert not torch.allclose(at_zero[q], plain[q], atol=1e-3)
+    for name in stored.names:
+        moved = (merged[name] - at_zero[name]).abs().max()
+        assert (built[name] - merged[name]).abs().max() <= 2**-8 * moved + 1e-6, name

@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pcbcore.errors import MergeInputError
+from pcbcore.lora import split_reference
 from pipeline.fingerprints import WEIGHT_SUFFIXES, fingerprint_folder
 from pipeline.references import HUB_ID
 from pipeline.registry import registered_versions
@@ -119,7 +120,11 @@ def same_checkpoint(path_a: str, path_b: str) -> bool:
 
 def reference_identity(ref: str, cache_dir: str | Path) -> str:
     """What a merge's lineage records for a reference: a local folder's content fingerprint, else the
-    reference as written (a Hub branch or a registry alias is only resolved by the fetch itself)."""
+    reference as written (a Hub branch or a registry alias is only resolved by the fetch itself). A
+    `model+lora` reference is the model's identity and its adapter's, as its lineage records the two."""
+    model, lora = split_reference(ref)
+    if lora is not None:
+        return f"{reference_identity(model, cache_dir)}+{reference_identity(lora, cache_dir)}"
     folder = Path(ref).expanduser()
     if folder.is_dir():
         return fingerprint_folder(folder.resolve(), Path(cache_dir) / "digests")
@@ -144,6 +149,11 @@ def lineage_identity(lineage: dict, searched: bool = False) -> tuple:
     def identity(item: dict) -> str:
         return item.get("revision") or item["fingerprint"]
 
+    adapters = {item["ref"]: identity(item) for item in inputs if item.get("role") == "lora"}
+
+    def with_adapter(item: dict) -> str:  # a model+lora input: "model+adapter", as `reference_identity` says it
+        return identity(item) if item.get("adapter") is None else f"{identity(item)}+{adapters.get(item['adapter'], '')}"
+
     base = next((item for item in inputs if item.get("role") == "base"), None)
-    models = [(identity(item), item.get("parameters") or {}) for item in inputs if item.get("role") == "model"]
-    return merge_identity(str(lineage.get("method")), lineage.get("parameters") or {}, identity(base) if base else "", models, searched)
+    models = [(with_adapter(item), item.get("parameters") or {}) for item in inputs if item.get("role") == "model"]
+    return merge_identity(str(lineage.get("method")), lineage.get("parameters") or {}, with_adapter(base) if base else "", models, searched)

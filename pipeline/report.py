@@ -94,7 +94,7 @@ def lineage_mermaid(node: dict[str, Any]) -> str:
             if not item.get("lineage"):
                 detail = " ".join(x for x in (item["role"], short_revision(item), f"sha256 {item['fingerprint'][:12]}") if x)
                 lines.append(f'    {child}["{text(_model_label(item["ref"]))}<br/>{text(detail)}"]')
-            label = "base" if item["role"] == "base" else f"λ={_number(next(models, None))}"
+            label = item["role"] if item["role"] in ("base", "lora") else f"λ={_number(next(models, None))}"
             lines.append(f"    {child} -->|{label}| {me}")
         return me
 
@@ -127,7 +127,7 @@ def lineage_png(node: dict[str, Any], path: Path) -> Path:
         detail = " · ".join(x for x in (item["role"], short_revision(item), f"sha256 {item['fingerprint'][:10]}") if x)
         ax.text(2.2, y, f"{_model_label(item['ref'])}\n{detail}", ha="center", va="center", fontsize=8, bbox=box)
         ax.annotate("", xy=(6.0, target_y), xytext=(3.6, y), arrowprops=dict(arrowstyle="->", color="#555555"))
-        label = "base" if item["role"] == "base" else f"λ = {_number(next(lambdas, None))}"
+        label = item["role"] if item["role"] in ("base", "lora") else f"λ = {_number(next(lambdas, None))}"
         ax.text(4.8, (y + target_y) / 2 + 0.12, label, ha="center", fontsize=8, color="#333333")
     ax.set_title("lineage", fontsize=10)
     fig.tight_layout()

@@ -162,3 +162,31 @@ def test_watch_config_errors_raise(tmp_path):
 
     with pytest.raises(MergeInputError, match="does not exist"):
         load_watch_config(tmp_path / "missing.yml", str(tmp_path))
+
+
+def test_a_lora_base_is_the_same_merge_for_the_watch_and_for_its_lineage(micro_zoo, tmp_path):
+    """A watched merge whose base is `model+lora`: the identity the watch wants and the one read back from a
+    registered version's lineage (base + adapter as two inputs) agree, so an unchanged source is not merged
+    again; another adapter is another identity."""
+    from builders import save_lora_adapter
+
+    from pipeline.discovery import lineage_identity, merge_identity, reference_identity
+    from pipeline.references import fetch
+
+    cache = tmp_path / "cache"
+    expert = next(iter(micro_zoo.experts.values()))
+    lora = save_lora_adapter(micro_zoo.base, tmp_path / "lora", seed=1)
+    base, adapter, model = (fetch(str(p), cache) for p in (micro_zoo.base, lora, expert))
+    lineage = {
+        "method": "task_arithmetic",
+        "parameters": {},
+        "inputs": [
+            {"role": "base", "ref": base.ref, "fingerprint": base.fingerprint, "adapter": adapter.ref},
+            {"role": "model", "ref": model.ref, "fingerprint": model.fingerprint, "parameters": {"weight": 1.0}},
+            {"role": "lora", "ref": adapter.ref, "fingerprint": adapter.fingerprint, "applied_to": base.ref},
+        ],
+    }
+    lora_base = reference_identity(f"{micro_zoo.base}+{lora}", cache)
+    assert lineage_identity(lineage) == merge_identity("task_arithmetic", {}, lora_base, [(reference_identity(str(expert), cache), {"weight": 1.0})])
+    other = save_lora_adapter(micro_zoo.base, tmp_path / "other", seed=2)
+    assert reference_identity(f"{micro_zoo.base}+{other}", cache) != lora_base != reference_identity(str(micro_zoo.base), cache)

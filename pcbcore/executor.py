@@ -35,7 +35,7 @@ from pcbcore.inputs import MergeInputs, StateDictReader, TensorReader, open_inpu
 from pcbcore.lines import layer_scales
 from pcbcore.memory import bound_resident_memory, keep_freed_memory
 from pcbcore.methods import combine, lambdas_of
-from pcbcore.methods.base import BaseWeights, TensorInputs
+from pcbcore.methods.base import BaseWeights, TensorInputs, unit_lambdas
 from pcbcore.selection import sample_columns
 from pcbcore.slices import resolve_job_params
 from pcbcore.stages import Block, ScopeFacts, Stats, combine_partial, row_spans
@@ -330,6 +330,7 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
     A tensor whose parameters are pcbmerge's own (per-model λ_i, or a key mergekit lacks: the method's `exact`
     returns None) merges in the components form instead."""
     method, merged = config.method, loader.inputs.merged
+    method.stages(config.params, list(config.model_params))  # the method's own refusals (too few models, …)
     for k, info in enumerate(merged):
         params, model_params = job_params(config, loader, info)
         # An elementwise op order gives the same entries block by block: memory stays one block per model.
@@ -352,7 +353,7 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
 def output_dtype(config: MergeConfig, info: TensorInfo) -> torch.dtype:
     """The dtype a merged tensor is written in: `out_dtype`, else `dtype`, else as stored — and, for a
     merge in mergekit's op order without `out_dtype`, the dtype mergekit's method returns."""
-    if config.exact and config.raw.out_dtype is None and config.method.exact_dtype is not None:
+    if config.exact and config.raw.out_dtype is None and config.method.exact_dtype is not None and unit_lambdas(config.model_params):
         return config.method.exact_dtype(config.working_dtype or info.dtype)
     return config.out_dtype or info.dtype
 

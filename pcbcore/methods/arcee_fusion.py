@@ -8,13 +8,18 @@ tensor, the quartiles read at sorted index ⌊q·(N − 1)⌋ as mergekit does; 
 entries from 10⁶ random draws; here they are always exact.)
 
 Components form (exact): C_1 = [importance ≥ threshold] ⊙ τ_1; λ = 1 is the method.
+
+mergekit's op order (`arcee_fusion_exact`) computes the importances and the threshold in the working dtype
+but its mask in float32, so θ_pre + τ_1·mask comes out in float32 (float64 for float64 weights) whatever
+the working dtype: the dtype the file is written in without an `out_dtype` (`fusion_dtype`). Its quartiles
+are exact here too, so a tensor of more than 10⁶ entries cannot match mergekit's random estimate to the bit.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pcbcore.methods.base import BaseWeights, FrozenModel, MergeMethod, ModelParams
+from pcbcore.methods.base import BaseWeights, FrozenModel, MergeMethod, ModelParams, TensorInputs, unit_lambdas
 from pcbcore.methods.slerp import exactly_one_model
 from pcbcore.selection import select_in_memory
 from pcbcore.stages import Block, Stats
@@ -55,6 +60,38 @@ def arcee_fusion_components(task_vectors: torch.Tensor, stats: Stats, params: Ar
     return (task_vector * mask).reshape(1, m)
 
 
+arcee_fusion_stages = exactly_one_model("arcee_fusion")
+
+
+def fusion_dtype(working: torch.dtype) -> torch.dtype:
+    """The dtype of mergekit's result: the working dtype promoted with its float32 mask."""
+    return torch.promote_types(working, torch.float32)
+
+
+def arcee_fusion_exact(inputs: TensorInputs, params: ArceeFusionParams, model_params: list) -> torch.Tensor | None:
+    """mergekit's op order (module docstring): importances and quartiles in the working dtype, a float32 mask."""
+    arcee_fusion_stages(params, model_params)  # the same refusal of other than one model
+    if not unit_lambdas(model_params):
+        return None
+    base, (other,) = inputs.base, inputs.models  # the base is never among the models
+    p = torch.softmax(other, dim=-1) + KL_EPS
+    q = torch.softmax(base, dim=-1) + KL_EPS
+    scores = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ordered, _ = torch.sort(scores.reshape(-1))
+    at = (torch.tensor(QUARTILES) * (ordered.numel() - 1)).long()  # float32 positions, truncated
+    q1, median, q3 = ordered[at.to(ordered.device)]
+    mask = (scores >= median + 1.5 * (q3 - q1)).float()
+    return base + (other - base) * mask
+
+
 METHOD = MergeMethod(
-    "arcee_fusion", ArceeFusionParams, ModelParams, arcee_fusion_components, exactly_one_model("arcee_fusion"), whole_tensor=True, needs_base=True
+    "arcee_fusion",
+    ArceeFusionParams,
+    ModelParams,
+    arcee_fusion_components,
+    arcee_fusion_stages,
+    whole_tensor=True,
+    needs_base=True,
+    exact=arcee_fusion_exact,
+    exact_dtype=fusion_dtype,
 )

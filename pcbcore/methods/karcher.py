@@ -12,6 +12,10 @@ The result is (Σ_k α_k n_k)·μ: the direction of the Karcher mean with the me
 Components form: it does not hold in the sense of eq. (1) — the mean is an iterated, non-linear function
 of the weights. The engine still takes θ_m = θ_pre + Σ_i λ_i C_i with C_i = (θ_m − θ_pre)/n, so λ_i = 1
 (the default) is the method and λ_i scales model i's equal share of the change.
+
+mergekit's op order (`karcher_exact`) keeps the weights in the working dtype throughout — the units, the
+mean, the tangent and each step rounded there — and takes only the norms in float32 (float64 for float64
+weights); the result is the float32 mean norm times the mean direction, in the working dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import BaseWeights, FrozenModel, MergeMethod, ModelParams
+from pcbcore.methods.base import BaseWeights, FrozenModel, MergeMethod, ModelParams, TensorInputs, unit_lambdas
 from pcbcore.stages import Block, Stats
 
 
@@ -76,6 +80,64 @@ def karcher_components(task_vectors: torch.Tensor, stats: Stats, params: Karcher
     return change.expand_as(task_vectors).clone()
 
 
+def karcher_mean_rounded(tensors: list[torch.Tensor], alphas: list[float], max_iter: int, tol: float) -> torch.Tensor:
+    """`karcher_mean` in mergekit's op order: the weights' dtype throughout, the norms in float32 (float64
+    for float64 weights) as 0-d tensors, so every step rounds where mergekit's does."""
+    if len(tensors) == 1:
+        return tensors[0]
+    norm_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(tensor.to(norm_dtype)) for tensor in tensors]
+    units = [torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype) for tensor, norm in zip(tensors, norms)]
+    valid = [k for k, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(tensor * 0 for tensor in tensors)
+    total = sum(alphas[k] for k in valid)
+    weights = [alphas[k] / total for k in valid]
+    units = [units[k] for k in valid]
+
+    mean = torch.zeros_like(units[0])
+    for weight, unit in zip(weights, units):
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for weight, unit in zip(weights, units):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+
+    return sum(alpha * norm for alpha, norm in zip(alphas, norms)) * mean
+
+
+def karcher_exact(inputs: TensorInputs, params: KarcherParams, model_params: list) -> torch.Tensor | None:
+    """mergekit's op order over every input, the listed models in order and then a named base they do not list."""
+    if not unit_lambdas(model_params):
+        return None
+    tensors = list(inputs.models)
+    if inputs.base is not None and not any(inputs.is_base):
+        tensors.append(inputs.base)
+    return karcher_mean_rounded(tensors, [1.0 / len(tensors)] * len(tensors), params.max_iter, params.tol)
+
+
 METHOD = MergeMethod(
-    "karcher", KarcherParams, ModelParams, karcher_components, base_may_be_a_model=True, whole_tensor=True, needs_base=True, base_optional=True
+    "karcher",
+    KarcherParams,
+    ModelParams,
+    karcher_components,
+    base_may_be_a_model=True,
+    whole_tensor=True,
+    needs_base=True,
+    base_optional=True,
+    exact=karcher_exact,
 )

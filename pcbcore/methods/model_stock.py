@@ -12,6 +12,10 @@ as mergekit does. mergekit's per-model `weight` has no effect on this method; it
 so its files run unchanged.
 
 Components form (exact): θ_m = θ_pre + Σ_i λ_i·C_i with C_i = t/N · τ_i (λ_i = 1 is the method).
+
+mergekit's op order (`model_stock_exact`), in the working dtype: the offsets θ_i − θ_pre, the pairwise
+cosines from their norms' product, t, then t·(Σ_i θ_i / N) + (1 − t)·θ_pre — the average of the weights,
+not of the task vectors, so it rounds differently from the components form.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from pydantic import Field
 
 from pcbcore.errors import MergeInputError
-from pcbcore.methods.base import FrozenModel, MergeMethod, ModelParams
+from pcbcore.methods.base import FrozenModel, MergeMethod, ModelParams, TensorInputs, unit_lambdas
 from pcbcore.stages import Block, Stage, Stats
 
 
@@ -64,4 +68,32 @@ def model_stock_components(task_vectors: torch.Tensor, stats: Stats, params: Mod
     return (vectors * (model_stock_ratio(vectors) / n)).reshape(n, m)
 
 
-METHOD = MergeMethod("model_stock", ModelStockParams, ModelStockModelParams, model_stock_components, model_stock_stages, whole_tensor=True)
+def model_stock_exact(inputs: TensorInputs, params: ModelStockParams, model_params: list) -> torch.Tensor | None:
+    """mergekit's op order, each step rounded in the working dtype (module docstring)."""
+    model_stock_stages(params, model_params)  # the same refusal of fewer than two models
+    if not unit_lambdas(model_params):
+        return None
+    base = inputs.base
+    models = inputs.models  # the base is never among them (a model of the base's name is left out at config load)
+    if params.filter_wise:  # one ratio per vector along the last dimension (a 1-D tensor is one vector)
+        base, models = (base.unsqueeze(0), [theta.unsqueeze(0) for theta in models]) if base.dim() == 1 else (base, models)
+    else:
+        base, models = base.reshape(-1), [theta.reshape(-1) for theta in models]
+    offsets = [theta - base for theta in models]
+    cosines = []
+    for i, offset_i in enumerate(offsets):
+        for offset_j in offsets[i + 1 :]:
+            norms = torch.norm(offset_i, dim=-1) * torch.norm(offset_j, dim=-1)
+            cosines.append(((offset_i * offset_j).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(models)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(models) / n  # Σ θ_i from 0, one model at a time
+    return (t * average + (1 - t) * base).reshape(inputs.base.shape)
+
+
+METHOD = MergeMethod(
+    "model_stock", ModelStockParams, ModelStockModelParams, model_stock_components, model_stock_stages, whole_tensor=True, exact=model_stock_exact
+)

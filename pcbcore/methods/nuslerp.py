@@ -13,6 +13,9 @@ or the straight line (1 − t)·τ_1 + t·τ_2 where the two are collinear (1 �
 Components form (exact): C_1 = sin((1 − t)Ω)/sin Ω · τ_1, C_2 = sin(tΩ)/sin Ω · τ_2 — the coefficients
 depend on the angle, computed per tensor (or per row), and λ_i = 1 is the method. Without a
 `base_model` (optional here, as in mergekit) θ_pre = 0, so the same interpolation runs on the models' weights.
+
+mergekit's op order (`nuslerp_exact`) works in the working dtype: the unit vectors, cos Ω, the angle and
+(sin((1 − t)Ω)·τ_1 + sin(tΩ)·τ_2) / sin Ω — one division after the sum, not two coefficients — then θ_pre + it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from pydantic import Field
 
 from pcbcore.errors import MergeInputError
-from pcbcore.methods.base import FrozenModel, MergeMethod, WeightedModelParams
+from pcbcore.methods.base import FrozenModel, MergeMethod, TensorInputs, WeightedModelParams, unit_lambdas
 from pcbcore.stages import Block, Stage, Stats
 
 NORM_EPS = 1e-7
@@ -70,4 +73,39 @@ def nuslerp_components(task_vectors: torch.Tensor, stats: Stats, params: Nuslerp
     return out.reshape(n, m)
 
 
-METHOD = MergeMethod("nuslerp", NuslerpParams, WeightedModelParams, nuslerp_components, nuslerp_stages, whole_tensor=True, base_optional=True)
+def nuslerp_rounded(t: float, v0: torch.Tensor, v1: torch.Tensor, params: NuslerpParams) -> torch.Tensor:
+    """nuslerp(t, v0, v1) in mergekit's op order, in the inputs' dtype, per flat tensor, row or column."""
+    shape = v0.shape
+    row_wise = params.nuslerp_row_wise and not params.nuslerp_flatten
+    if params.nuslerp_flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:  # along dim 0: columns become the last dimension
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= COLLINEAR_EPS**2
+    theta = torch.acos(torch.where(collinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(collinear, (1 - t) * v0 + t * v1, result)
+    if row_wise:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp_exact(inputs: TensorInputs, params: NuslerpParams, model_params: list) -> torch.Tensor | None:
+    """mergekit's op order (module docstring): θ_pre + nuslerp(t, θ_1 − θ_pre, θ_2 − θ_pre), or of the weights without a base."""
+    nuslerp_stages(params, model_params)  # the same refusal of other than two models
+    if not unit_lambdas(model_params):
+        return None
+    (theta1, theta2), (w1, w2) = inputs.models, [m.weight for m in model_params]  # the base is never among them
+    total = w1 + w2
+    t = 0.5 if abs(total) < 1e-6 else w2 / total
+    if inputs.base is None:
+        return nuslerp_rounded(t, theta1, theta2, params)
+    return inputs.base + nuslerp_rounded(t, theta1 - inputs.base, theta2 - inputs.base, params)
+
+
+METHOD = MergeMethod(
+    "nuslerp", NuslerpParams, WeightedModelParams, nuslerp_components, nuslerp_stages, whole_tensor=True, base_optional=True, exact=nuslerp_exact
+)

@@ -11,6 +11,11 @@ Per tensor, for task vectors τ_1 … τ_n:
 θ_m = θ_pre + Σ_i η_i·[agrees_i]·τ_i / max(Σ_j η_j·[agrees_j], 1e-6).
 
 Components (exact): C_i = η_i·[agrees_i]·selected τ_i / max(Σ_j η_j·[agrees_j], 1e-6).
+
+mergekit's op order (`sce_exact`) is deterministic too (no draw: its selection is a top-k), and runs in the
+working dtype: the variance, the top-k of it (`torch.topk`, whose choice among tied variances is the
+library's, where the components form's is by position), the sign election, η_i from the mean squares with
+their sum taken as a number, and θ_pre + Σ_i η_i[agrees_i]τ_i / max(Σ_j η_j[agrees_j], 1e-6).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import Fraction, MergekitMemoryOption, MergeMethod, ModelParams
+from pcbcore.methods.base import Fraction, MergekitMemoryOption, MergeMethod, ModelParams, TensorInputs, unit_lambdas
 from pcbcore.methods.breadcrumbs import rank_window, sign_agreement
+from pcbcore.methods.mergekit_ops import elected_mask
 from pcbcore.stages import Block, Stats
 
 
@@ -51,4 +57,30 @@ def sce_components(task_vectors: torch.Tensor, stats: Stats, params: SceParams, 
     return selected.mul_(erased).div_(divisor)
 
 
-METHOD = MergeMethod("sce", SceParams, ModelParams, sce_components, whole_tensor=True)
+def sce_exact(inputs: TensorInputs, params: SceParams, model_params: list) -> torch.Tensor | None:
+    """mergekit's op order (module docstring), in the working dtype."""
+    if not unit_lambdas(model_params):
+        return None
+    base = inputs.base
+    if not inputs.models:
+        return base
+    mask_dtype = torch.int8 if params.int8_mask else base.dtype
+    task_vectors = torch.stack([theta - base for theta in inputs.models])  # (n, *shape); the base is never among them
+    if params.select_topk < 1:
+        variance = torch.var(task_vectors, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * params.select_topk)  # the product in float32, as a tensor
+        selected = torch.zeros_like(variance, dtype=mask_dtype)
+        if k > 0:
+            selected.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
+        task_vectors = task_vectors * selected.unsqueeze(0)
+    agrees = elected_mask(task_vectors, "sum", mask_dtype)
+    weights = task_vectors.square().reshape(task_vectors.shape[0], -1).mean(dim=1)  # η_i before normalising
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    while weights.dim() < task_vectors.dim():
+        weights = weights.unsqueeze(-1)
+    erased = weights * agrees
+    return base + (task_vectors * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+METHOD = MergeMethod("sce", SceParams, ModelParams, sce_components, whole_tensor=True, exact=sce_exact)

@@ -69,7 +69,13 @@ def test_dare_drops_about_one_minus_density_and_rescales(device):
     out = merge("dare_linear", tasks, base, device, density=0.25, seed=7)
     kept = out != 0
     assert 0.23 < kept.float().mean() < 0.27
-    assert torch.allclose(out[kept], torch.full_like(out[kept], 4.0))  # survivors rescaled by 1/density
+    # mergekit's rescale (its op order, a mergekit file): survivors scaled back to the task vector's L1 norm
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 20_000 / int(kept.sum())))
+    # the components form (float32 maths): the same draws, survivors scaled by 1/density (the DARE paper's rescale)
+    models = [{"model": "m0", "parameters": {"density": 0.25}}]
+    config = parse_merge_config({"merge_method": "dare_linear", "base_model": "base", "models": models, "parameters": {"seed": 7}, "compute_dtype": "float32"})
+    precise = merge_state_dicts(config, base, tasks, device=device)["w"].cpu()
+    assert torch.equal(precise != 0, kept) and torch.allclose(precise[kept], torch.full_like(out[kept], 4.0))
     again = merge("dare_linear", tasks, base, device, density=0.25, seed=7)
     other = merge("dare_linear", tasks, base, device, density=0.25, seed=8)
     assert torch.equal(out, again) and not torch.equal(out, other)

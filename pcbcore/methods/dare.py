@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, scale_rows_, weights_of
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
+from pcbcore.methods.mergekit_ops import bernoulli, generalized_task_arithmetic
 from pcbcore.methods.task_arithmetic import task_arithmetic_scales
 from pcbcore.methods.ties import MajoritySign, disjoint_components, sign_majority_stage
 from pcbcore.stages import Block, Stage, Stats, row_spans
@@ -114,5 +115,53 @@ def dare_ties_components(task_vectors: torch.Tensor, stats: Stats, params: DareP
     return disjoint_components(weighted, weights_of(model_params), majority, params.normalize)
 
 
-DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components)
-DARE_TIES = MergeMethod("dare_ties", DareParams, SparseModelParams, dare_ties_components, dare_ties_stages)
+def whole_tensor_draw(seed: int, model_index: int, name: str, shape: tuple[int, ...]):
+    """A `mergekit_ops.KeepDraw` for one model's whole tensor `name` of `shape`: this module's mask chunks'
+    uniforms (the very draws `keep_mask` compares with the density), compared with each entry's keep
+    probability (given in any shape of as many entries)."""
+
+    def draw(probabilities: torch.Tensor) -> torch.Tensor:
+        draws = uniform_draws(seed, model_index, Block(name, 0, tuple(shape)))
+        return draws.to(probabilities.device).reshape(probabilities.shape) < probabilities
+
+    return draw
+
+
+def uniform_draws(seed: int, model_index: int, block: Block) -> torch.Tensor:
+    """Uniforms in [0, 1) for every entry of a whole tensor (flat, on the CPU), drawn per mask chunk of rows."""
+    row = math.prod(block.shape[1:])
+    parts = [
+        torch.rand((last - first) * row, generator=chunk_generator(seed, model_index, block.name, chunk))
+        for chunk, (first, last) in enumerate(row_spans(block.shape, DARE_CHUNK_ENTRIES))
+    ]
+    return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.zeros(0)
+
+
+def dare_family_exact(consensus: bool):
+    def exact(inputs: TensorInputs, params: DareParams, model_params: list) -> torch.Tensor | None:
+        """mergekit's order: each δ_i through `mergekit_ops.bernoulli` (keep probability the density in the work
+        dtype, L1 rescale when `rescale`), then generalized task arithmetic (`dare_ties`: with the sign consensus
+        of Σ_i w_i·δ_i). None (the components form) for per-model λ_i or `zero_sign: majority`."""
+        lambda_ = shared_lambda(model_params)
+        if lambda_ is None or (consensus and params.zero_sign != "positive") or inputs.base is None:
+            return None
+
+        def sparsify(delta: torch.Tensor, m: SparseModelParams, index: int) -> torch.Tensor:
+            return bernoulli(delta, m.density, params.rescale, whole_tensor_draw(params.seed, index, inputs.name, tuple(delta.shape)))
+
+        return generalized_task_arithmetic(
+            inputs,
+            model_params,
+            normalize=params.normalize,
+            lambda_=lambda_,
+            sparsify=sparsify,
+            consensus="sum" if consensus else None,
+            int8_mask=params.int8_mask,
+        )
+
+    return exact
+
+
+# mergekit's rescale is a norm over each whole tensor: `exact` sees it whole.
+DARE_LINEAR = MergeMethod("dare_linear", DareParams, SparseModelParams, dare_linear_components, exact=dare_family_exact(False), exact_blocks=False)
+DARE_TIES = MergeMethod("dare_ties", DareParams, SparseModelParams, dare_ties_components, dare_ties_stages, exact=dare_family_exact(True), exact_blocks=False)

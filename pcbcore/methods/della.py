@@ -24,16 +24,15 @@ Components (exact): C_i = w_i·kept τ_i·[agrees] / divisor, as in `pcbcore.met
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import Field
 
 from pcbcore.errors import MergeInputError
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, weights_of
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, shared_lambda, weights_of
 from pcbcore.methods.breadcrumbs import rescale_l1, weighted_mean_components
-from pcbcore.methods.dare import DARE_CHUNK_ENTRIES, chunk_generator
-from pcbcore.stages import Block, Stage, Stats, row_spans
+from pcbcore.methods.dare import uniform_draws, whole_tensor_draw
+from pcbcore.methods.mergekit_ops import della_magprune, generalized_task_arithmetic
+from pcbcore.stages import Block, Stage, Stats
 
 
 class DellaParams(MergekitMemoryOption):
@@ -57,16 +56,6 @@ def della_stages(params: DellaParams, model_params: list) -> list[Stage]:
         if m.density < 1.0 and not (m.density - m.epsilon > 0.0 and m.density + m.epsilon < 1.0):
             raise MergeInputError(f"della: epsilon must leave density ± epsilon inside (0, 1) (got density {m.density}, epsilon {m.epsilon})")
     return []
-
-
-def uniform_draws(seed: int, model_index: int, block: Block) -> torch.Tensor:
-    """Uniforms in [0, 1) for every entry of a whole tensor (flat, on the CPU), drawn per mask chunk of rows."""
-    row = math.prod(block.shape[1:])
-    parts = [
-        torch.rand((last - first) * row, generator=chunk_generator(seed, model_index, block.name, chunk))
-        for chunk, (first, last) in enumerate(row_spans(block.shape, DARE_CHUNK_ENTRIES))
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def keep_probabilities(task_vector: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float) -> torch.Tensor:
@@ -99,5 +88,41 @@ def della_family(consensus: bool):
     return components
 
 
-DELLA = MergeMethod("della", DellaParams, DellaModelParams, della_family(consensus=True), della_stages, whole_tensor=True)
-DELLA_LINEAR = MergeMethod("della_linear", DellaLinearParams, DellaModelParams, della_family(consensus=False), della_stages, whole_tensor=True)
+def della_family_exact(consensus: bool):
+    def exact(inputs: TensorInputs, params: DellaParams, model_params: list) -> torch.Tensor | None:
+        """mergekit's order: each δ_i through `mergekit_ops.della_magprune` (its ranks and probabilities in the
+        work dtype, L1 rescale when `rescale`), then generalized task arithmetic (`della`: with the sign
+        consensus of Σ_i w_i·δ_i). None (the components form) for per-model λ_i, or a tensor with one entry
+        along dim 1 (mergekit's rank normalisation divides 0 by 0 there)."""
+        della_stages(params, model_params)  # the same refusal of probabilities outside (0, 1)
+        lambda_ = shared_lambda(model_params)
+        if lambda_ is None or inputs.base is None:
+            return None
+        along = inputs.base.shape[1] if inputs.base.dim() > 1 else inputs.base.numel() if inputs.base.dim() == 1 else 0
+        if along < 2 and any(m.density < 1.0 for m in model_params):
+            return None
+
+        def sparsify(delta: torch.Tensor, m: DellaModelParams, index: int) -> torch.Tensor:
+            draw = whole_tensor_draw(params.seed, index, inputs.name, tuple(delta.shape))
+            return della_magprune(delta, m.density, m.epsilon, params.rescale, draw)
+
+        return generalized_task_arithmetic(
+            inputs,
+            model_params,
+            normalize=params.normalize,
+            lambda_=lambda_,
+            sparsify=sparsify,
+            consensus="sum" if consensus else None,
+            int8_mask=params.int8_mask,
+        )
+
+    return exact
+
+
+def _method(name: str, params: type[DellaParams], consensus: bool) -> MergeMethod:
+    components, exact = della_family(consensus), della_family_exact(consensus)
+    return MergeMethod(name, params, DellaModelParams, components, della_stages, whole_tensor=True, exact=exact, exact_blocks=False)
+
+
+DELLA = _method("della", DellaParams, consensus=True)
+DELLA_LINEAR = _method("della_linear", DellaLinearParams, consensus=False)

@@ -14,6 +14,12 @@ task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, de
     consensus:   m_i = [sign δ_i = elected sign],  Δ = Σ_i m_i δ_i,  d = Σ_i m_i w_i  (d = 1 where 0)
     otherwise:   Δ = Σ_i δ_i,  d = Σ_i w_i  (d = 1 where |d| < 1e-8)
     Δ ← Δ / d if normalize;  Δ ← λ·Δ if λ ≠ 1;  θ = θ_pre + Δ
+
+The sparsifiers follow mergekit's `sparsify.py`: `magnitude` (TIES), `magnitude_outliers` (breadcrumbs),
+`bernoulli` (DARE) and `della_magprune` (DELLA), each with mergekit's optional L1 `rescale` (the norm ratio
+of the task vector before and after, not 1/density). The random ones draw their keep masks from pcbmerge's
+seeded generator (the method passes a `KeepDraw`) where mergekit draws from torch's global one: the same
+process, the same masks as pcbmerge's components form, and at density 1 (nothing drawn) mergekit's result.
 """
 
 from __future__ import annotations
@@ -23,15 +29,22 @@ from typing import Literal
 
 import torch
 
+from pcbcore import sort_order
 from pcbcore.methods.base import TensorInputs
+from pcbcore.selection import select_in_memory
 
-# One model's task vector sparsified: (δ_i, that model's parameters) → δ_i'.
-Sparsify = Callable[[torch.Tensor, object], torch.Tensor]
+# One model's task vector sparsified: (δ_i, that model's parameters, its index among the job's models — the
+# seed of its random draws) → δ_i'.
+Sparsify = Callable[[torch.Tensor, object, int], torch.Tensor]
 
 
 def elected_mask(deltas: torch.Tensor, method: Literal["sum", "count"], mask_dtype: torch.dtype) -> torch.Tensor:
     """mergekit's `get_mask`: whether each δ_i's sign is the elected one — the sign of Σ_i δ_i ('sum',
     TIES) or of Σ_i sign δ_i ('count'), + where that is 0."""
+    if method == "sum":
+        # sign δ = +1 exactly where δ > 0 and −1 where δ < 0 (a zero agrees with neither): mergekit's mask in
+        # three passes instead of eight.
+        return torch.where(deltas.sum(dim=0) >= 0, deltas > 0, deltas < 0)
     sign = deltas.sign().to(mask_dtype)
     weight = deltas.sum(dim=0) if method == "sum" else sign.sum(dim=0)
     majority = (weight >= 0).to(mask_dtype) * 2 - 1
@@ -50,26 +63,32 @@ def generalized_task_arithmetic(
 ) -> torch.Tensor:
     """θ_pre + Δ in mergekit's op order (module docstring), in the working dtype."""
     base = inputs.base
-    entries = [(theta, params) for theta, params, is_base in zip(inputs.models, model_params, inputs.is_base) if not is_base]
+    entries = [(i, theta, params) for i, (theta, params, is_base) in enumerate(zip(inputs.models, model_params, inputs.is_base)) if not is_base]
     if not entries:
         return base
     deltas = base.new_empty((len(entries), *base.shape))
-    for k, (theta, params) in enumerate(entries):
+    for k, (i, theta, params) in enumerate(entries):
         delta = theta - base
-        deltas[k] = delta if sparsify is None else sparsify(delta, params)
-    weights = torch.tensor([params.weight for _, params in entries], dtype=deltas.dtype, device=deltas.device)
+        deltas[k] = delta if sparsify is None else sparsify(delta, params, i)
+        del delta
+    weights = torch.tensor([params.weight for _, _, params in entries], dtype=deltas.dtype, device=deltas.device)
     while deltas.dim() > weights.dim():
         weights.unsqueeze_(-1)
-    deltas.mul_(weights)
+    unit = bool((weights == 1).all())
+    if not unit:  # δ·1 is δ to the bit: skipped
+        deltas.mul_(weights)
     if consensus is not None:
-        mask = elected_mask(deltas, consensus, torch.int8 if int8_mask else base.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        # Signs and the elected sign are exact in any dtype, so the mask is the same whatever `int8_mask` says;
+        # int8 is the cheaper. (masked_fill_ below is mergekit's boolean-index assignment, faster.)
+        mask = elected_mask(deltas, consensus, torch.int8)
+        mixed = deltas.mul_(mask).sum(dim=0)  # δ·[agrees] in place: δ is not needed after
+        # unit weights: Σ_i 1·[agrees_i] is a count, exact in any float dtype up to 256 models
+        divisor = mask.sum(dim=0, dtype=deltas.dtype) if unit and len(entries) <= 256 else (weights * mask).sum(dim=0)
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     if normalize:
         mixed /= divisor
     if lambda_ != 1:
@@ -89,3 +108,132 @@ def weighted_average(inputs: TensorInputs, weights: list[float], normalize: bool
     if normalize:
         result.div_(weight.sum())
     return result.to(first.dtype)
+
+
+# ---------------------------------------------------------------- mergekit's sparsify, one task vector at a time
+
+RESCALE_EPS = 1e-7  # mergekit's: a norm under this is not rescaled
+
+
+def rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """mergekit's `rescaled_masked_tensor` with the L1 norm: tensor·mask, scaled by ‖tensor‖₁ / ‖tensor·mask‖₁
+    (0-d tensors in the tensor's dtype, as mergekit computes them) unless either norm is under 1e-7."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def random_work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype mergekit's random sparsifiers draw and rescale in: the tensor's own, except on the CPU where
+    `torch.bernoulli` lacks float16 and mergekit goes through float32 (bfloat16 stays bfloat16)."""
+    return tensor.dtype if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16 else torch.float32
+
+
+def sort_keys(delta: torch.Tensor) -> torch.Tensor:
+    """|δ| flat, as mergekit sorts it: in float32 on the CPU, in δ's dtype elsewhere."""
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def argsort_range(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Bool mask of `argsort(w, descending)[start:stop]`: mergekit's own call."""
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[torch.argsort(w, descending=descending)[start:stop]] = True
+    return mask
+
+
+def sort_range_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Bool mask of the entries of flat `w` that torch's unstable sort puts at positions [start, stop).
+
+    Which of the entries equal to a boundary value are in is the sort algorithm's choice (bf16 task vectors
+    hold only about a thousand distinct magnitudes per tensor, so a run of them nearly always straddles the
+    cut). On the CPU, where mergekit sorts float32, `pcbcore.sort_order` finds that choice in O(n) without
+    sorting (faster than the two order statistics below, ties or none). Elsewhere the set is fixed by the
+    values alone unless a run straddles a boundary, which two order statistics and two counts tell; only
+    then does mergekit's own argsort run."""
+    n = w.numel()
+    if start >= stop:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        if descending and start == 0:
+            return sort_order.top_k_mask(w, stop)
+        if not descending:
+            return sort_order.middle_mask(w, start, stop)
+    lo_rank, hi_rank = (n - stop, n - start) if descending else (start, stop)  # ascending ranks [lo, hi)
+    keep = None
+    if lo_rank > 0:
+        lo = select_in_memory(w.reshape(1, -1), [lo_rank]).item()
+        if int((w < lo).sum()) != lo_rank:
+            return argsort_range(w, start, stop, descending)
+        keep = w >= lo
+    if hi_rank < n:
+        hi = select_in_memory(w.reshape(1, -1), [hi_rank - 1]).item()
+        if int((w <= hi).sum()) != hi_rank:
+            return argsort_range(w, start, stop, descending)
+        keep = w <= hi if keep is None else keep.logical_and_(w <= hi)
+    return keep if keep is not None else torch.ones(n, dtype=torch.bool, device=w.device)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """mergekit's `magnitude` (TIES's trim): keep the k = max(1, ⌊density·N⌋) entries first in
+    `argsort(|δ|, descending=True)`; density 1 returns δ itself."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = sort_range_mask(sort_keys(delta), 0, k, descending=True)  # bool: δ·mask is δ·1.0 or δ·0.0, as mergekit's
+    return rescaled_masked(delta, mask.reshape_as(delta), rescale)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """mergekit's `magnitude_outliers` (breadcrumbs): of `sort(|δ|)`, keep positions [n_bot, n_bot + ⌊density·N⌋)
+    with n_bot = max(0, N − ⌊density·N⌋ − ⌊γ·N⌋); density 1 returns δ itself (γ included)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    mask = sort_range_mask(sort_keys(delta), bottom, bottom + target, descending=False)
+    return rescaled_masked(delta, mask.reshape_as(delta), rescale)
+
+
+# Keep draws of one task vector for `bernoulli` and `della_magprune`: keep probabilities (δ's shape, any
+# float dtype) → bool mask of the entries kept, each with its probability.
+KeepDraw = Callable[[torch.Tensor], torch.Tensor]
+
+
+def bernoulli(delta: torch.Tensor, density: float, rescale: bool, draw: KeepDraw) -> torch.Tensor:
+    """mergekit's `bernoulli` (DARE): keep each entry with probability `density` rounded to the work dtype,
+    then `rescaled_masked` (L1) in the work dtype (`random_work_dtype`); density 1 returns δ itself."""
+    if density >= 1:
+        return delta
+    work = random_work_dtype(delta)
+    mask = draw(torch.full_like(delta, density, dtype=work)).to(work)
+    return rescaled_masked(delta.to(work), mask, rescale).to(delta.dtype)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool, draw: KeepDraw) -> torch.Tensor:
+    """mergekit's `della_magprune`: within each slice along dim 1 (a 1-D δ is one row), rank |δ| from 1, and keep
+    an entry with probability (density − ε) + rank_norm·2·ε, rank_norm = (rank − min) / (max − min), all in
+    the work dtype (bfloat16 ranks round); then `rescaled_masked` (L1). density 1 returns δ itself. The
+    ranks come from mergekit's own (unstable) argsort, so each entry's probability is mergekit's."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    work = random_work_dtype(delta)
+    shape = delta.shape
+    tensor = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    order = torch.argsort(tensor.abs(), dim=1, descending=False)
+    positions = torch.arange(tensor.shape[1], device=tensor.device).reshape(1, -1, *([1] * (tensor.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work) + 1  # = argsort of the argsort
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    probabilities = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = draw(probabilities).to(work)
+    return rescaled_masked(tensor.to(work), mask, rescale).to(delta.dtype).reshape(shape)

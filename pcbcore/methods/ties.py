@@ -25,7 +25,8 @@ import torch
 from pydantic import Field, model_validator
 
 from pcbcore.kernels import sign_balance, sum_rows
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, scale_rows_, weights_of
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
+from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude
 from pcbcore.selection import KthSmallest, OrderStatistic
 from pcbcore.stages import Block, ReduceFn, Stage, Stats
 
@@ -205,4 +206,23 @@ def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams
     return disjoint_components(scale_rows_(trim_topk(task_vectors, stats, block, model_params), weights), weights, majority, params.normalize)
 
 
-METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages)
+def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> torch.Tensor | None:
+    """mergekit's order: each δ_i trimmed by `mergekit_ops.magnitude` (its argsort's choice among entries tied
+    at the cut), then generalized task arithmetic with the sign consensus of Σ_i w_i·δ_i. None (the components
+    form) for pcbmerge's own keys: per-model λ_i or `zero_sign: majority`."""
+    lambda_ = shared_lambda(model_params)
+    if lambda_ is None or params.zero_sign != "positive" or inputs.base is None:
+        return None
+    return generalized_task_arithmetic(
+        inputs,
+        model_params,
+        normalize=params.normalize,
+        lambda_=lambda_,
+        sparsify=lambda delta, m, _: magnitude(delta, m.density, params.rescale),
+        consensus="sum",
+        int8_mask=params.int8_mask,
+    )
+
+
+# The trim is an order statistic over each whole tensor: `exact` sees it whole.
+METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages, exact=ties_exact, exact_blocks=False)

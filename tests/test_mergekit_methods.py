@@ -366,8 +366,11 @@ def test_model_order_does_not_matter(method, params, n, seed, data):
     base, models = random_models(seed, n)
     order = data.draw(st.permutations(range(n)))
     out, shuffled = run(method, params, base, models), run(method, params, base, [models[i] for i in order])
+    # The Karcher mean is an iteration stopped once its step is under tol = 1e-5, run in mergekit's float32
+    # order: two orders stop a few tol apart (at most 2.9e-5 over 40 seeds × every order of 3 models).
+    atol = 1e-4 if method == "karcher" else 1e-5
     for name in base:
-        assert torch.allclose(out[name], shuffled[name], atol=1e-5)
+        assert torch.allclose(out[name], shuffled[name], atol=atol)
 
 
 @PROPERTY

@@ -220,7 +220,15 @@ METHODS = {
     "cart": ("cart", {}, {}, {}, None),
     "consensus_ta": ("consensus_ta", {}, {}, {"weight": 0.5}, None),
     "consensus_ties": ("consensus_ties", {}, {"scope": "tensor"}, {"weight": 1.0, "density": 0.2}, None),
+    # the same files with pcbmerge's `compute_dtype: float32`: the components form (float32 maths, rounded
+    # once) instead of mergekit's own op order, which the rows above follow to the bit
+    "linear_f32": ("linear", {}, {}, {"weight": 1.0}, None),
+    "task_arithmetic_f32": ("task_arithmetic", {}, {}, {"weight": 0.5}, None),
+    "ties_f32": ("ties", {}, {"scope": "tensor"}, {"weight": 1.0, "density": 0.2}, None),
+    "dare_ties_f32": ("dare_ties", {}, {"seed": 0}, {"weight": 1.0, "density": 0.2}, None),
 }
+# Labels whose pcbmerge config adds `compute_dtype: float32`.
+COMPONENTS_FORM = {"linear_f32", "task_arithmetic_f32", "ties_f32", "dare_ties_f32"}
 MERGEKIT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 # issue 2 targets: method -> (mergekit method whose time is the reference, max ratio)
 TARGETS = {
@@ -231,6 +239,10 @@ TARGETS = {
     "pcb_tensor": ("ties", 1 / 3),
     "pcb_model_paper": ("ties", 1 / 2),
     "pcb_model_release": ("ties", 1 / 2),
+    "linear_f32": ("linear", 0.5),
+    "task_arithmetic_f32": ("task_arithmetic", 0.5),
+    "ties_f32": ("ties", 1 / 6),
+    "dare_ties_f32": ("ties", 1 / 6),
 }
 
 
@@ -248,8 +260,10 @@ def merge_yaml(label: str, zoo: Path, tool: str) -> dict:
         cfg["models"] = [{"model": m, "parameters": dict(per_model)} for m in fts]
     if params:
         cfg["parameters"] = params
-    cfg["dtype"] = "float32"  # mergekit: working dtype; pcbmerge always works in float32
+    cfg["dtype"] = "float32"  # the working dtype of both tools (pcbmerge follows mergekit's op order in it)
     cfg["out_dtype"] = "bfloat16"
+    if tool == "pcbmerge" and label in COMPONENTS_FORM:
+        cfg["compute_dtype"] = "float32"
     return cfg
 
 

@@ -264,6 +264,7 @@ class MergeConfig(BaseModel):
             and self.raw.lines is None
             and self.lambda_override is None
             and self.method.scope(self.params) == "tensor"
+            and getattr(self.params, "zero_sign", "positive") == "positive"  # "majority": the TIES paper's code, pcbmerge's key
         )
 
     def tensor_params(self, slice_index: int, tensor_name: str, t: float, inputs: list[tuple[int | None, str, str]]) -> tuple[FrozenModel, list[ModelParams]]:
@@ -560,10 +561,9 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         vocabulary=vocabulary,
         chat_template=_chat_template(raw.chat_template, source),
     )
-    if getattr(params, "normalize", True) is False and raw.merge_method == "linear" and not (config.exact and all(m.lambda_ == 1.0 for m in model_params)):
-        from pcbcore.methods.linear import UNNORMALISED
-
-        raise MergeInputError(f"{source}: key 'parameters.normalize': {UNNORMALISED}")
+    refusal = method.components_refusal(params) if method.components_refusal else None
+    if refusal is not None and not (config.exact and all(m.lambda_ == 1.0 for m in model_params)):
+        raise MergeInputError(f"{source}: {refusal}")
     return config
 
 

@@ -335,11 +335,15 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
         params, model_params = job_params(config, loader, info)
         # An elementwise op order gives the same entries block by block: memory stays one block per model.
         spans = [block.rows for block in blocks_of(info)] if method.exact_blocks else [None]
-        result = method.exact(loader.load_whole(info, spans[0]), params, model_params)
+        inputs = loader.load_whole(info, spans[0])
+        result = method.exact(inputs, params, model_params)
         if result is not None:
-            yield info, spans[0], result.reshape(-1)
-            for rows in spans[1:]:
-                yield info, rows, method.exact(loader.load_whole(info, rows), params, model_params).reshape(-1)
+            for k, rows in enumerate(spans):
+                if k:
+                    inputs = loader.load_whole(info, rows)
+                    result = method.exact(inputs, params, model_params)
+                _check_exact(result, inputs, loader.inputs.jobs[info.name], config.method_name)
+                yield info, rows, result.reshape(-1)
         else:
             rounding = config.round_dtype
             for block, base, components in _tensor_components(config, loader, info):
@@ -348,6 +352,19 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
         bound_resident_memory()
         if progress:
             progress("merge", k + 1, len(merged))
+
+
+def _check_exact(result: torch.Tensor, inputs: TensorInputs, job, method: str) -> None:
+    """A merge of finite inputs that is not finite overflowed the working dtype: name the model whose task
+    vector does not fit, as the components form does (one reduction when all is well)."""
+    low, high = torch.aminmax(result) if result.numel() else (torch.zeros(()), torch.zeros(()))
+    if torch.isfinite(low) and torch.isfinite(high):
+        return
+    dtype = str(inputs.dtype).removeprefix("torch.")
+    for theta, (_, reader, _) in zip(inputs.models, job.models):
+        if inputs.base is not None and not torch.isfinite(theta - inputs.base).all():
+            raise MergeInputError(f"tensor '{inputs.name}' of model '{reader.label}' differs from the base by more than {dtype} can hold")
+    raise MergeInputError(f"tensor '{inputs.name}': merging it with {method} overflows {dtype}")
 
 
 def output_dtype(config: MergeConfig, info: TensorInfo) -> torch.dtype:

@@ -156,10 +156,10 @@ def parse_search_config(data: Any, source: str = "config") -> SearchPipelineConf
         unknown = sorted(set(search.weights) - set(pipeline.evaluation.tasks))
         if unknown:
             raise MergeInputError(f"{source}: key 'search.weights' names {unknown}, which are not in evaluation.tasks {pipeline.evaluation.tasks}")
-    if pipeline.merge_method == "linear" and (pipeline.parameters or {}).get("normalize") is False:
-        from pcbcore.methods.linear import UNNORMALISED
-
-        raise MergeInputError(f"{source}: key 'parameters.normalize': {UNNORMALISED}")
+    merge = pipeline.merge_config(source)
+    refusal = merge.method.components_refusal(merge.params) if merge.method.components_refusal else None
+    if refusal is not None:  # a search's candidates are the components form
+        raise MergeInputError(f"{source}: {refusal}")
     if search.ratio is not None and pipeline.merge_method != "pcb":
         raise MergeInputError(f"{source}: key 'search.ratio' is a grid over PCB's ratio, but merge_method is '{pipeline.merge_method}'")
     return SearchPipelineConfig(**{name: getattr(pipeline, name) for name in PipelineConfig.model_fields}, search=search)

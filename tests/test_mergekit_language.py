@@ -200,3 +200,22 @@ def test_linear_without_normalize_is_mergekits_plain_weighted_sum():
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     with pytest.raises(MergeInputError, match=r"lin.yml: key 'parameters.normalize': linear with normalize: false"):
         parse_merge_config({**data, "compute_dtype": "float32"}, source="lin.yml")
+
+
+def test_ties_rescale_is_mergekits_l1_rescale_and_refused_outside_mergekits_order():
+    """mergekit's `rescale: true` for ties scales each trimmed task vector back to its L1 norm; it has no
+    components form, so pcbmerge's own keys refuse it in one sentence naming the key."""
+    generator = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(40, 10, generator=generator)}
+    model = {"w": base["w"] + 0.1 * torch.randn(40, 10, generator=generator)}
+    data = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"density": 0.3}}], "parameters": {"rescale": True}}
+    out = merge_state_dicts(parse_merge_config(data), base, [model])["w"]
+    delta = out - base["w"]
+    kept = delta != 0
+    assert int(kept.sum()) == 120  # ⌊0.3·400⌋
+    tau = model["w"] - base["w"]
+    assert torch.allclose(delta.abs().sum(), tau.abs().sum(), rtol=1e-5)  # the trimmed vector keeps τ's L1 norm
+    assert torch.allclose(delta[kept], tau[kept] * (tau.abs().sum() / tau[kept].abs().sum()), rtol=1e-5)
+    for extra in ({"compute_dtype": "float32"}, {"parameters": {"rescale": True, "scope": "model"}}):
+        with pytest.raises(MergeInputError, match=r"^t.yml: key 'parameters.rescale': ties with rescale: true"):
+            parse_merge_config({**data, **extra}, source="t.yml")

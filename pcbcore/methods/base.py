@@ -121,6 +121,10 @@ class MergeMethod:
     # Whether `exact` is elementwise (each entry from the same entry of the inputs: no norm, no order
     # statistic over the tensor), so it may run on blocks of rows, bounding memory as the components form does.
     exact_blocks: bool = False
+    # Why these parameters have no components form (a mergekit option pcbmerge merges only in mergekit's order,
+    # e.g. linear's `normalize: false`), or None: refused where the components form is needed (`compute_dtype`,
+    # `lines`, per-model λ_i, a search).
+    components_refusal: Callable[[FrozenModel], str | None] | None = None
 
     def scope(self, params: FrozenModel) -> Scope:
         return getattr(params, "scope", "tensor")

@@ -20,8 +20,8 @@ class LinearParams(FrozenModel):
 
 
 UNNORMALISED = (
-    "linear with normalize: false (a plain weighted sum of the models) merges only in mergekit's order: "
-    "not with compute_dtype, lines, a per-model lambda or a coefficient search"
+    "key 'parameters.normalize': linear with normalize: false (a plain weighted sum of the models) merges only in "
+    "mergekit's order: not with compute_dtype, lines, a per-model lambda or a coefficient search"
 )
 
 
@@ -52,5 +52,6 @@ METHOD = MergeMethod(
     base_may_be_a_model=True,
     scales=linear_scales,
     exact=linear_exact,
+    components_refusal=lambda params: None if params.normalize else UNNORMALISED,
     exact_blocks=True,
 )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pcbcore.kernels import sign_balance, sum_rows
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
@@ -37,13 +37,13 @@ class TiesParams(MergekitMemoryOption):
     zero_sign: Literal["positive", "majority"] = Field(
         "positive", description="elected sign where the weighted sum is exactly 0: + (mergekit) or the scope's majority sign (TIES paper's code)"
     )
-    rescale: bool = Field(False, description="mergekit's norm rescaling after the trim; only false is supported")
+    rescale: bool = Field(False, description="mergekit's L1 rescaling of each trimmed task vector (in mergekit's order only)")
 
-    @model_validator(mode="after")
-    def _no_rescale(self) -> TiesParams:
-        if self.rescale:
-            raise ValueError("ties with rescale: true is not supported (the TIES paper does not rescale)")
-        return self
+
+RESCALED = (
+    "key 'parameters.rescale': ties with rescale: true (mergekit's L1 rescale after the trim) merges only in "
+    "mergekit's order: not with compute_dtype, lines, scope: model, zero_sign: majority, a per-model lambda or a coefficient search"
+)
 
 
 @dataclass
@@ -225,4 +225,13 @@ def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> 
 
 
 # The trim is an order statistic over each whole tensor: `exact` sees it whole.
-METHOD = MergeMethod("ties", TiesParams, SparseModelParams, ties_components, ties_stages, exact=ties_exact, exact_blocks=False)
+METHOD = MergeMethod(
+    "ties",
+    TiesParams,
+    SparseModelParams,
+    ties_components,
+    ties_stages,
+    exact=ties_exact,
+    exact_blocks=False,
+    components_refusal=lambda params: RESCALED if params.rescale else None,
+)

@@ -7,7 +7,10 @@ node), compact tags (`pcbmerge.*`, searchable in the UI) and a readable descript
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +21,12 @@ from pcbcore.scratch import owned_folder, remove_leftovers
 from pipeline.lineage import LINEAGE_ARTIFACT, lineage_description, lineage_tags
 from pipeline.locks import exclusive
 from pipeline.settings import load_settings
-from pipeline.tracking import MAX_TAG_CHARS, client, experiment_id, log_json
+from pipeline.tracking import MAX_TAG_CHARS, client, discard_logged_model, experiment_id, log_json
+
+log = logging.getLogger(__name__)
+
+# A full disk, a quota, or a file-size limit: one sentence for the user, not a traceback.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def version_with_content(name: str, fingerprint: str) -> str | None:
@@ -44,7 +52,8 @@ def register_model(run_id: str, experiment: str, folder: str, name: str, lineage
 
     Returns `{"name", "version", "uri", "matched"}` (`matched`: "true" when an existing version was
     reused). If anything fails after a new version exists, the version is deleted: a failed flow leaves
-    no registry version behind.
+    no registry version behind. If the copy of the folder fails, the logged model is discarded (FAILED,
+    its partial files deleted); a full disk there is one sentence (`MergeInputError`).
     """
     # Two identical runs at once must make one version: the look-up and the creation happen under one lock.
     with exclusive(f"registry\n{load_settings().tracking_uri}\n{name}"):
@@ -67,13 +76,22 @@ def _register(run_id: str, experiment: str, folder: str, name: str, lineage: dic
         mlflow_client.set_tag(run_id, "pcbmerge.registered_version_matched", "true")
         return {"name": name, "version": matched, "uri": uri, "matched": "true"}
     logged = mlflow_client.create_logged_model(experiment_id(experiment), name=name, source_run_id=run_id, tags={"pcbmerge.method": str(lineage.get("method"))})
-    mlflow_client.log_model_artifacts(logged.model_id, folder)
-    mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     try:
-        mlflow_client.create_registered_model(name, description="Merged by pcbmerge; each version's lineage is in its tags and lineage.json.")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+        mlflow_client.log_model_artifacts(logged.model_id, folder)
+        mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        try:
+            mlflow_client.create_registered_model(name, description="Merged by pcbmerge; each version's lineage is in its tags and lineage.json.")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    except BaseException as exc:  # no version names the model yet: its files can go
+        _give_up(mlflow_client, logged, f"registering {folder} failed before a version named it ({type(exc).__name__}: {exc})")
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise MergeInputError(
+                f"cannot register '{folder}' as '{name}': {os.strerror(exc.errno).lower()} while copying it into the MLflow artifact store "
+                f"{logged.artifact_location} (nothing was left behind: no version, no partial copy); free space there and run the same command again"
+            ) from None
+        raise
     # The lineage tags (the content fingerprint among them) go on with the version itself, so a version is
     # never without its fingerprint: a run killed right after this line is matched by its re-run.
     tags = lineage_tags(lineage)
@@ -85,10 +103,23 @@ def _register(run_id: str, experiment: str, folder: str, name: str, lineage: dic
             mlflow_client.set_model_version_tag(name, version.version, key, value)
         mlflow_client.update_model_version(name, version.version, description=lineage_description(node))
         mlflow_client.set_tag(run_id, "pcbmerge.registered_version", node["model"])
-    except BaseException:
+    except BaseException as exc:
         mlflow_client.delete_model_version(name, version.version)
+        _give_up(mlflow_client, logged, f"its version {version.version} was deleted: registering it failed ({type(exc).__name__}: {exc})")
         raise
     return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}", "matched": "false"}
+
+
+def _give_up(mlflow_client, logged, reason: str) -> None:
+    """Discard a logged model whose registration failed (FAILED, files deleted). Where the store does not
+    answer just now, the error being raised is the one to report: the model is left as it is (a run left
+    RUNNING by that outage has it discarded when a later run reaps the run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        discard_logged_model(mlflow_client, logged, reason)
+    except (MlflowException, OSError) as exc:
+        log.warning("could not discard logged model %s of a failed registration: %s", logged.model_id, exc)
 
 
 def describe_registration(registered: dict[str, str]) -> str:

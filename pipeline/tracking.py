@@ -8,6 +8,7 @@ call goes through an `MlflowClient` bound to the tracking URI from `pipeline.set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import tempfile
@@ -97,11 +98,12 @@ def finish_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
 
 
-def reap_dead_runs(experiment: str) -> list[dict[str, str]]:
+def reap_dead_runs(experiment: str) -> list[dict[str, Any]]:
     """Mark KILLED the RUNNING runs of `experiment` whose owner process (on this host) is gone: a process
-    killed with SIGKILL cannot end its own run. Returns `{"run_id", "flow_run_id"}` of each, so the caller can
-    mark the Prefect flow run that owned it as crashed too. Runs of live processes, of other hosts, or
-    without an owner tag are left alone."""
+    killed with SIGKILL cannot end its own run. The logged models such a run made that no registered version
+    uses are discarded (`discard_logged_model`). Returns `{"run_id", "flow_run_id", "logged_models"}` of each,
+    so the caller can mark the Prefect flow run that owned it as crashed too. Runs of live processes, of
+    other hosts, or without an owner tag are left alone."""
     from mlflow.entities import RunTag, ViewType
 
     mlflow_client = client()
@@ -116,11 +118,65 @@ def reap_dead_runs(experiment: str) -> list[dict[str, str]]:
         pid, _, start = process.partition("-")
         if owner_host != host or not (pid.isdigit() and start.isdigit()) or owner_alive(int(pid), int(start)):
             continue
+        # Its models first: once the run is KILLED no later run looks at it again.
+        discarded = _discard_unregistered_models(mlflow_client, found.experiment_id, run.info.run_id)
         reason = f"its process ({owner}) ended without closing the run (killed); marked by a later run"
         mlflow_client.log_batch(run.info.run_id, tags=[RunTag("pcbmerge.killed", reason)])
         mlflow_client.set_terminated(run.info.run_id, status="KILLED")
-        reaped.append({"run_id": run.info.run_id, "flow_run_id": run.data.tags.get("prefect.flow_run_id", "")})
+        reaped.append({"run_id": run.info.run_id, "flow_run_id": run.data.tags.get("prefect.flow_run_id", ""), "logged_models": discarded})
     return reaped
+
+
+def _discard_unregistered_models(mlflow_client, experiment_id: str, run_id: str) -> list[str]:
+    """A run killed while registering leaves its logged model PENDING (files half copied) or READY with no
+    version (killed between the copy and the version): nothing will finish or read it. Discard those; a
+    model a registered version uses is kept. Returns the discarded ids."""
+    from mlflow.entities import LoggedModelStatus
+
+    models = [m for m in _own_models(mlflow_client, experiment_id, f"source_run_id = '{run_id}'") if m.status != LoggedModelStatus.FAILED]
+    if not models:
+        return []
+    used = {_version_model_id(v) for v in mlflow_client.search_model_versions(f"run_id = '{run_id}'")}
+    discarded = []
+    for model in models:
+        if model.model_id not in used:
+            discard_logged_model(mlflow_client, model, f"its run {run_id} was killed before registering it; discarded by a later run")
+            discarded.append(model.model_id)
+    return discarded
+
+
+# Why a logged model was given up, on the model itself (it stays listed, FAILED, without files).
+DISCARDED_TAG = "pcbmerge.discarded"
+
+
+def discard_logged_model(mlflow_client, model, reason: str) -> None:
+    """Mark a logged model FAILED, tagged with `reason`, and delete its files: a copy that no registered
+    version uses, half written or whole, is a model's worth of disk that nothing will read."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    mlflow_client.set_logged_model_tags(model.model_id, {DISCARDED_TAG: reason[:MAX_TAG_CHARS]})
+    mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    get_artifact_repository(model.artifact_location, tracking_uri=load_settings().tracking_uri).delete_artifacts()
+    if model.artifact_location.startswith("file:"):  # a local store: its models/<id> folder, now empty, too
+        with contextlib.suppress(OSError):
+            Path(local_file_uri_to_path(model.artifact_location)).parent.rmdir()
+
+
+def _own_models(mlflow_client, experiment_id: str, filter_string: str) -> list:
+    """The logged models pcbmerge made in the experiment that match `filter_string` (another tool's are left alone)."""
+    models, token = [], None
+    while True:
+        page = mlflow_client.search_logged_models([experiment_id], filter_string=filter_string, page_token=token)
+        models += [m for m in page if "pcbmerge.method" in (m.tags or {})]
+        token = page.token
+        if not token:
+            return models
+
+
+def _version_model_id(version) -> str:
+    return getattr(version, "model_id", None) or version.source.removeprefix("models:/")
 
 
 def log_results(run_id: str, config_yaml: str, scores: dict[str, dict[str, float]], tags: dict[str, str]) -> None:

@@ -85,8 +85,9 @@ def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
 
 @task(name="track-reap", **TRACKING)
 def reap_dead_runs(experiment: str) -> list[str]:
-    """Runs left RUNNING by a killed process: their MLflow run is marked KILLED and the Prefect flow run that
-    owned it Crashed (a flow run whose process died keeps its last state, Running, forever otherwise)."""
+    """Runs left RUNNING by a killed process: their MLflow run is marked KILLED, the logged models it never
+    registered FAILED (files deleted), and the Prefect flow run that owned it Crashed (a flow run whose
+    process died keeps its last state, Running, forever otherwise)."""
     from prefect import get_client, get_run_logger
     from prefect.states import Crashed
 
@@ -94,6 +95,8 @@ def reap_dead_runs(experiment: str) -> list[str]:
     with get_client(sync_client=True) as prefect_client:
         for item in reaped:
             get_run_logger().warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", item["run_id"])
+            for model_id in item["logged_models"]:
+                get_run_logger().warning("logged model %s of that run was never registered: marked FAILED, its files deleted", model_id)
             if item["flow_run_id"]:
                 try:
                     flow_run = prefect_client.read_flow_run(item["flow_run_id"])

@@ -32,16 +32,17 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], home: Path, log: str) -> subprocess.Popen:
-    """`pcbmerge ARGS` in its own process group; stdout to `<log>.out`, stderr to `<log>.log` under `home`."""
+def _start(args: list[str], home: Path, log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`pcbmerge ARGS` in its own process group; stdout to `<log>.out`, stderr to `<log>.log` under `home`;
+    `env` is added to the environment."""
     home.mkdir(parents=True, exist_ok=True)
     out, err = (home / f"{log}.out").open("wb"), (home / f"{log}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "pcbmerge", *args], env=_env(home), stdout=out, stderr=err, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "pcbmerge", *args], env={**_env(home), **(env or {})}, stdout=out, stderr=err, start_new_session=True)
 
 
-def _run(args: list[str], home: Path, log: str, timeout: float = 300) -> str:
+def _run(args: list[str], home: Path, log: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
     """Run to the end; returns what it printed on stdout."""
-    proc = _start(args, home, log)
+    proc = _start(args, home, log, env)
     assert proc.wait(timeout=timeout) == 0, (home / f"{log}.log").read_text()[-3000:]
     return (home / f"{log}.out").read_text()
 
@@ -57,23 +58,39 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -
     proc.wait(timeout=30)
 
 
-def _client(home: Path):
+def _client(home: Path, uri: str | None = None):
+    """A client on the run's store: the SQLite file in `home`, or the tracking server at `uri`."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{home / 'mlflow.db'}"
+    uri = uri or f"sqlite:///{home / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _runs(home: Path, experiment: str = "pcbmerge") -> list:
-    client = _client(home)
-    found = client.get_experiment_by_name(experiment) if (home / "mlflow.db").is_file() else None
+def _runs(home: Path, experiment: str = "pcbmerge", uri: str | None = None) -> list:
+    client = _client(home, uri)
+    found = client.get_experiment_by_name(experiment) if uri or (home / "mlflow.db").is_file() else None
     return client.search_runs([found.experiment_id]) if found else []
 
 
-def _versions(home: Path, name: str) -> list[int]:
-    if not (home / "mlflow.db").is_file():
+def _versions(home: Path, name: str, uri: str | None = None) -> list[int]:
+    if not uri and not (home / "mlflow.db").is_file():
         return []
-    return sorted(int(v.version) for v in _client(home).search_model_versions(f"name = '{name}'"))
+    return sorted(int(v.version) for v in _client(home, uri).search_model_versions(f"name = '{name}'"))
+
+
+def _logged_models(home: Path, experiment: str = "pcbmerge") -> dict:
+    """model id -> LoggedModel, every logged model of the experiment."""
+    client = _client(home)
+    found = client.get_experiment_by_name(experiment)
+    return {m.model_id: m for m in client.search_logged_models([found.experiment_id])} if found else {}
+
+
+def _model_files(model) -> list[str]:
+    """The files a logged model holds in a local artifact store (none once its folder is gone)."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    folder = Path(local_file_uri_to_path(model.artifact_location))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
 def _prefect_state(home: Path, flow_run_id: str) -> str | None:
@@ -81,6 +98,11 @@ def _prefect_state(home: Path, flow_run_id: str) -> str | None:
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
         row = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (flow_run_id,)).fetchone()
     return row[0] if row else None
+
+
+def _merge_finished(merges: Path) -> bool:
+    """A merge renamed into place in the cache (not one still being written into its hidden folder)."""
+    return merges.is_dir() and any((m / "model.safetensors").is_file() for m in merges.iterdir() if not m.name.startswith("."))
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -313,3 +335,174 @@ def test_a_watch_killed_while_merging_is_finished_by_its_next_run(micro_zoo, tmp
     # Either the killed run had registered already (nothing new) or the next run merges and registers.
     assert again["model"] in (None, "models:/watched-killed/1") and _versions(home, "watched-killed") == [1]
     assert "RUNNING" not in {run.info.status for run in _runs(home)} and _leftovers(home) == []
+
+
+# ---------------------------------------------------------------- the tracking server killed, a full disk while registering
+
+
+def test_a_tracking_server_killed_mid_run_ends_it_in_one_sentence_and_the_rerun_after_restart_succeeds(micro_zoo, tmp_path):
+    """`pcbmerge up`'s MLflow server SIGKILLed while a run evaluates: the run's next tracking call is retried,
+    then the command ends with one sentence (exit status 3); after `pcbmerge down` / `up` a plain re-run
+    succeeds: the killed run's MLflow run is reaped, one version, the bytes of a merge that was never
+    interrupted."""
+    from infra.ports import free_port
+
+    home, workdir = tmp_path / "home", tmp_path / "servers"
+    up = ["up", "--workdir", str(workdir), "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()), "--json"]
+    info = json.loads(_run(up, home, "up").strip().splitlines()[-1])
+    uri = info["MLFLOW_TRACKING_URI"]
+    # MLflow's own HTTP retries (7, up to minutes) off: the tracking task's retries are what is under test.
+    env = {"PREFECT_API_URL": info["PREFECT_API_URL"], "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    config = _pipeline_config(micro_zoo, tmp_path / "run.yml", "server-killed", 0.3)
+    try:
+        proc = _start(["run", str(config)], home, "killed", env)
+        merges = home / "cache" / "merges"
+
+        deadline = time.monotonic() + 240
+        while not _merge_finished(merges):  # the run is open on the server, and now evaluates
+            assert proc.poll() is None and time.monotonic() < deadline, (home / "killed.log").read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(info["mlflow_pid"], signal.SIGKILL)
+        assert proc.wait(timeout=240) == 3, (home / "killed.log").read_text()[-3000:]
+        stderr = (home / "killed.log").read_text()
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: a service did not answer after retries") and uri in errors[0], stderr[-3000:]
+        assert "Traceback" not in stderr
+
+        _run(["down", "--workdir", str(workdir)], home, "down")
+        _run(up, home, "up-again")  # the same ports, the same stores
+        rerun = _run(["run", str(config)], home, "rerun", env=env)
+        assert _versions(home, "server-killed", uri) == [1]
+        statuses = sorted(run.info.status for run in _runs(home, uri=uri))
+        assert statuses == ["FINISHED", "KILLED"]  # the killed run could not close its run; the re-run reaped it
+        folder = Path(rerun.split("merged model: ", 1)[1].split()[0])
+        (registered,) = (workdir / "mlartifacts").rglob("models/*/artifacts/model.safetensors")
+        merge_config = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k not in {"evaluation", "register_as"}}
+        (tmp_path / "merge.yml").write_text(yaml.safe_dump(merge_config))
+        _run(["merge", str(tmp_path / "merge.yml"), str(tmp_path / "straight"), "--device", "cpu"], home, "straight")
+        assert registered.read_bytes() == (folder / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+        assert _leftovers(home) == []
+    finally:
+        _run(["down", "--workdir", str(workdir)], home, "down-at-end")
+
+
+@pytest.fixture(scope="module")
+def wide_zoo(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A base and two fine-tunes of a Llama with a wide vocabulary: 8 MB each, larger than the run's own stores."""
+    from builders import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("widezoo")
+    base = save_tiny_llama(root / "base", seed=0, vocab_size=8192, hidden_size=128, intermediate_size=128)
+    return base, [save_tiny_llama(root / f"ft{i}", seed=i + 1, base=base, vocab_size=8192, hidden_size=128, intermediate_size=128) for i in range(2)]
+
+
+def test_a_full_disk_while_registering_leaves_no_version_and_no_partial_copy(wide_zoo, tmp_path, monkeypatch):
+    """The run's files may not grow past 4 MB (RLIMIT_FSIZE, set on the running process once its merge is
+    written) when it copies the 8 MB merge into the artifact store: one sentence, exit status 2, no version,
+    the logged model FAILED without files. The re-run with the limit gone registers one version."""
+    import hashlib
+    import resource
+
+    from pipeline.locks import exclusive
+
+    base, models = wide_zoo
+    home = tmp_path / "home"
+    config = tmp_path / "run.yml"
+    config.write_text(
+        yaml.safe_dump({"merge_method": "linear", "base_model": str(base), "models": [{"model": str(m)} for m in models], "register_as": "full-disk"})
+    )
+    for key in ("MLFLOW_TRACKING_URI", "PCBMERGE_CACHE_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PCBMERGE_HOME", str(home))
+    merges = home / "cache" / "merges"
+    # Registration waits for this lock while the test holds it: the limit is in place before the copy begins.
+    with exclusive(f"registry\nsqlite:///{home / 'mlflow.db'}\nfull-disk"):
+        proc = _start(["run", str(config)], home, "full")
+        deadline = time.monotonic() + 240
+        while not _merge_finished(merges):
+            assert proc.poll() is None and time.monotonic() < deadline, (home / "full.log").read_text()[-3000:]
+            time.sleep(0.05)
+        limit = 4 << 20
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    assert proc.wait(timeout=240) == 2, (home / "full.log").read_text()[-3000:]
+    stderr = (home / "full.log").read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot register ") and "file too large" in errors[0], stderr[-3000:]
+    assert "nothing was left behind" in errors[0] and "Traceback" not in stderr
+    assert _versions(home, "full-disk") == [] and _client(home).search_registered_models() == []
+    (failed,) = _logged_models(home).values()
+    assert failed.status.value == "FAILED" and "pcbmerge.discarded" in failed.tags and _model_files(failed) == []
+    assert [run.info.status for run in _runs(home)] == ["FAILED"]
+
+    _run(["run", str(config)], home, "space-freed")
+    assert _versions(home, "full-disk") == [1]
+    version = _client(home).get_model_version("full-disk", "1")
+    (merged,) = [m for m in merges.iterdir() if not m.name.startswith(".")]
+    registered = _logged_models(home)[version.source.removeprefix("models:/")]
+    assert _model_files(registered) == sorted(p.name for p in merged.iterdir() if p.is_file())
+    assert (
+        hashlib.sha256((Path(registered.artifact_location.removeprefix("file://")) / "model.safetensors").read_bytes()).digest()
+        == hashlib.sha256((merged / "model.safetensors").read_bytes()).digest()
+    )
+    assert "RUNNING" not in {run.info.status for run in _runs(home)} and _leftovers(home) == []
+
+
+# ---------------------------------------------------------------- a run killed while registering: its logged models
+
+_KILLED_WHILE_REGISTERING = """
+import os, signal, sys
+from pathlib import Path
+from mlflow.entities import LoggedModelStatus
+from pipeline import registry, tracking
+
+folder = Path(sys.argv[1])
+run_id = tracking.start_run("pcbmerge", "killed while registering", {}, {})
+client = tracking.client()
+experiment = tracking.experiment_id("pcbmerge")
+# A version registered by this run: its model stays.
+kept = registry.register_model(run_id, "pcbmerge", str(folder), "kept", {"method": "linear", "fingerprint": "f0", "inputs": []})
+# Killed after the copy, before the version: READY, no version.
+ready = client.create_logged_model(experiment, name="orphan", source_run_id=run_id, tags={"pcbmerge.method": "linear"})
+client.log_model_artifacts(ready.model_id, str(folder))
+client.finalize_logged_model(ready.model_id, LoggedModelStatus.READY)
+# Killed mid-copy: PENDING, some files written.
+pending = client.create_logged_model(experiment, name="orphan", source_run_id=run_id, tags={"pcbmerge.method": "linear"})
+client.log_model_artifacts(pending.model_id, str(folder / "part"))
+print(run_id, client.get_model_version("kept", kept["version"]).source.removeprefix("models:/"), ready.model_id, pending.model_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_logged_models_of_a_run_killed_while_registering_are_discarded_by_the_next_run(micro_zoo, tmp_path):
+    home = tmp_path / "home"
+    folder = tmp_path / "weights"
+    (folder / "part").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(1 << 16))
+    (folder / "part" / "model.safetensors").write_bytes(os.urandom(1 << 10))
+    home.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_REGISTERING, str(folder)], env=_env(home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_id, kept, ready, pending = proc.stdout.split()
+    models = _logged_models(home)
+    assert models[ready].status.value == "READY" and models[pending].status.value == "PENDING" and _model_files(models[pending])
+
+    config = tmp_path / "run.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": str(micro_zoo.base),
+                "models": [{"model": str(micro_zoo.experts[micro_zoo.tasks[0]])}],
+                "register_as": "after-orphans",
+            }
+        )
+    )
+    _run(["run", str(config)], home, "next")
+    models = _logged_models(home)
+    for orphan in (ready, pending):
+        assert models[orphan].status.value == "FAILED" and "was killed before registering" in models[orphan].tags["pcbmerge.discarded"]
+        assert _model_files(models[orphan]) == [] and not Path(models[orphan].artifact_location.removeprefix("file://")).parent.exists()
+    assert models[kept].status.value == "READY" and _model_files(models[kept]) == ["model.safetensors", "part/model.safetensors"]
+    runs = {run.info.run_id: run.info.status for run in _runs(home)}
+    assert runs.pop(run_id) == "KILLED" and list(runs.values()) == ["FINISHED"]
+    assert _versions(home, "kept") == [1] and _versions(home, "after-orphans") == [1]

@@ -184,7 +184,7 @@ def test_runs_killed_in_evaluation_and_after_registration_leave_no_zombie_and_no
     # Killed while evaluating: the merge is written, the MLflow run is open, nothing is registered.
     proc = _start(["run", str(first)], home, "eval-killed")
     merges = home / "cache" / "merges"
-    _kill_when(proc, lambda: merges.is_dir() and any((m / "model.safetensors").is_file() for m in merges.iterdir()), "the merge was written")
+    _kill_when(proc, lambda: _merge_finished(merges), "the merge was written")
     (zombie,) = _runs(home)
     assert zombie.info.status == "RUNNING" and _versions(home, "faulty") == []
 

@@ -96,6 +96,53 @@ def generalized_task_arithmetic(
     return (base + mixed).to(base.dtype)
 
 
+# Entries per chunk of `masked_task_arithmetic`: its elementwise ops stay in the CPU's caches.
+CHUNK = 1 << 18
+
+
+def masked_task_arithmetic(
+    inputs: TensorInputs,
+    model_params: list,
+    keep: Callable[[torch.Tensor, object], torch.Tensor | None],
+    *,
+    normalize: bool,
+    lambda_: float,
+    consensus: Literal["sum", "count"] | None = None,
+) -> torch.Tensor:
+    """`generalized_task_arithmetic` for a sparsify that only masks (δ_i·mask_i, no rescale: TIES's trim), to
+    the same bits: each mask is chosen from the whole δ_i, then every later op — elementwise, or a sum over
+    the models of each entry — runs on chunks of CHUNK entries, which stay in cache instead of allocating a
+    whole tensor per op. `keep(δ_i, params)`: the flat bool mask, or None to keep every entry."""
+    base = inputs.base
+    entries = [(theta, params) for theta, params, is_base in zip(inputs.models, model_params, inputs.is_base) if not is_base]
+    if not entries:
+        return base
+    masks = []
+    for theta, params in entries:
+        masks.append(keep(theta - base, params))
+    flat_base = base.reshape(-1)
+    thetas = [theta.reshape(-1) for theta, _ in entries]
+    out = torch.empty_like(flat_base)
+    for start in range(0, flat_base.numel(), CHUNK):
+        stop = min(start + CHUNK, flat_base.numel())
+        chunk = TensorInputs(inputs.name, flat_base[start:stop], [t[start:stop] for t in thetas], [False] * len(thetas), inputs.dtype)
+        chunk_masks = [None if mask is None else mask[start:stop] for mask in masks]
+        out[start:stop] = generalized_task_arithmetic(
+            chunk,
+            [params for _, params in entries],
+            normalize=normalize,
+            lambda_=lambda_,
+            sparsify=None if all(m is None for m in chunk_masks) else _apply_masks(chunk_masks),
+            consensus=consensus,
+        )
+    return out.reshape(base.shape)
+
+
+def _apply_masks(masks: list[torch.Tensor | None]) -> Sparsify:
+    """The sparsify that multiplies δ_i by masks[i] (δ·True is δ, δ·False ±0, as mergekit's δ·mask)."""
+    return lambda delta, params, i: delta if masks[i] is None else delta * masks[i]
+
+
 def weighted_average(inputs: TensorInputs, weights: list[float], normalize: bool = True) -> torch.Tensor:
     """mergekit's `linear`: Σ_i w_i θ_i accumulated in float32 (float64 for float64 inputs) one model at a
     time, divided by Σ_i w_i, rounded back to the working dtype. The base takes part only where listed."""
@@ -176,6 +223,15 @@ def sort_range_mask(w: torch.Tensor, start: int, stop: int, descending: bool) ->
             return argsort_range(w, start, stop, descending)
         keep = w <= hi if keep is None else keep.logical_and_(w <= hi)
     return keep if keep is not None else torch.ones(n, dtype=torch.bool, device=w.device)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The flat keep mask of mergekit's `magnitude` without rescale (None: density 1 keeps every entry)."""
+    if density >= 1:
+        return None
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    return sort_range_mask(sort_keys(delta), 0, max(1, int(density * delta.numel())), descending=True)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:

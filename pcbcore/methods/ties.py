@@ -26,7 +26,7 @@ from pydantic import Field
 
 from pcbcore.kernels import sign_balance, sum_rows
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
-from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude
+from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude, magnitude_mask, masked_task_arithmetic
 from pcbcore.selection import KthSmallest, OrderStatistic
 from pcbcore.stages import Block, ReduceFn, Stage, Stats
 
@@ -213,6 +213,10 @@ def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> 
     lambda_ = shared_lambda(model_params)
     if lambda_ is None or params.zero_sign != "positive" or inputs.base is None:
         return None
+    if not params.rescale:  # a trim that only masks: the same bits, chunk by chunk after the masks
+        return masked_task_arithmetic(
+            inputs, model_params, lambda delta, m: magnitude_mask(delta, m.density), normalize=params.normalize, lambda_=lambda_, consensus="sum"
+        )
     return generalized_task_arithmetic(
         inputs,
         model_params,

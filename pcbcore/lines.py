@@ -1,4 +1,10 @@
-"""LiNeS: Layer-increasing Network Scaling (Wang et al., ICLR 2025, arXiv 2410.17146).
+"""LiNeS: Layer-increasing Network Scaling (Wang, Dimitriadis, Favero, Ortiz-Jiménez, Fleuret, Frossard,
+"LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging", ICLR 2025,
+arXiv 2410.17146).
+
+The scaling rule is the paper's LiNeS, applied as in its multi-task merging experiments; equation numbers are
+left uncited (not confirmed against the paper's text). It was checked against the authors' released code
+(`LiNeS_scaling`): the same λ(ℓ), layers counted from 0, and α for every tensor outside the numbered blocks.
 
 Fine-tuning changes shallow layers least usefully and most harmfully (they hold the general features the
 tasks share), so LiNeS scales the merged task vector linearly in depth: for layer ℓ of L (ℓ = 0 … L−1),
@@ -10,8 +16,10 @@ norm, head) take α, as in the authors' code. It composes with every method: the
 θ = θ_pre + λ(ℓ) · Σ_i λ_i C_i, i.e. each tensor's components are multiplied by its λ(ℓ), which the search
 and tuner's stored components therefore carry too.
 
-For multi-task merging the paper derives α from the number of tasks and the norms of the task vectors and
-of the merged one, and tunes β on validation data; both are given explicitly here (`lines: {alpha, beta}` in the merge YAML).
+For multi-task merging the authors' code sets α = ‖Σ_i τ_i‖₁ / (n · ‖τ_MTL‖₁) (the ℓ₁ norms of the summed
+task vectors and of the merged one, n tasks) and tunes β on validation data; both are given explicitly here
+(`lines: {alpha, beta}` in the merge YAML). Their L is the encoder's block count (12 or 24); here it is read
+from the tensor names, the same number for a model whose every layer is present.
 """
 
 from __future__ import annotations

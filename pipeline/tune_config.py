@@ -55,6 +55,18 @@ DEFAULT_TUNING: dict[str, tuple[dict[str, float], dict[str, list[float]]]] = {
     "dare_ties": ({"density": 0.5, LAMBDA: 1.0}, {"density": [0.1, 0.3, 0.5, 0.7], LAMBDA: [0.8, 1.0, 1.2, 1.5]}),
     "dare_linear": ({"density": 0.5, LAMBDA: 1.0}, {"density": [0.1, 0.3, 0.5, 0.7], LAMBDA: [0.8, 1.0, 1.2, 1.5]}),
     "pcb": ({"ratio": 0.1, LAMBDA: 1.0}, {"ratio": [0.05, 0.1, 0.15, 0.2], LAMBDA: [0.8, 1.0, 1.2, 1.5, 1.8, 2.2]}),
+    # The subspace methods' overall scale α is linear in their components (C_i ∝ α), so the uniform λ is
+    # their α: α stays at the papers' 1.0 and λ is gridded, without recomputing any SVD per grid point.
+    "tsv": ({LAMBDA: 1.0}, {LAMBDA: [0.5, 0.75, 1.0, 1.25, 1.5]}),
+    "iso_c": ({LAMBDA: 1.0}, {LAMBDA: [0.5, 0.75, 1.0, 1.25, 1.5]}),
+    "iso_cts": ({LAMBDA: 1.0}, {LAMBDA: [0.5, 0.75, 1.0, 1.25, 1.5]}),
+    # CART's α (the authors' "prior", 2.0) scales only the low-rank centred part, λ the whole merge
+    # (average included), so α is a grid key of its own.
+    "cart": ({"alpha": 2.0, LAMBDA: 1.0}, {"alpha": [1.0, 1.5, 2.0, 2.5, 3.0], LAMBDA: [0.8, 1.0, 1.2]}),
+    # Consensus masks sit on task arithmetic or TIES: the underlying method's default and grid (the paper
+    # tunes their coefficient as for the method itself); k and λ_m stay at their defaults.
+    "consensus_ta": ({LAMBDA: 0.4}, {LAMBDA: [0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]}),
+    "consensus_ties": ({"density": 0.2, LAMBDA: 1.0}, {"density": [0.1, 0.2, 0.3, 0.5], LAMBDA: [0.8, 1.0, 1.2, 1.5]}),
 }
 # Any other registered method: its registry defaults, and a grid over λ alone.
 GENERIC_TUNING: tuple[dict[str, float], dict[str, list[float]]] = ({LAMBDA: 1.0}, {LAMBDA: [0.5, 0.75, 1.0, 1.25, 1.5]})

@@ -49,6 +49,24 @@ def test_default_methods_and_grids_follow_the_papers_and_hold_their_defaults():
     assert set(config.tune.methods[1].full_grid()) == {"density", "lambda"}
 
 
+def test_subspace_and_consensus_methods_have_their_papers_defaults_and_grids():
+    data = _data(PAPER_ZOO)
+    data["tune"] = {"methods": ["tsv", "iso_c", "iso_cts", "cart", "consensus_ta", "consensus_ties"]}
+    config = parse_tune_config(data)
+    methods = {m.name(): m for m in config.tune.methods}
+    for method in methods.values():
+        assert method.default_setting() in method.points(), method.name()
+        assert len(method.points()) <= config.tune.budget
+    for name in ("tsv", "iso_c", "iso_cts"):  # λ is their α (linear in the components): no SVD per grid point
+        assert methods[name].default_setting() == {"lambda": 1.0} and set(methods[name].full_grid()) == {"lambda"}
+    assert methods["cart"].default_setting() == {"alpha": 2.0, "lambda": 1.0}
+    assert set(methods["cart"].full_grid()) == {"alpha", "lambda"}
+    # the consensus masks take their underlying method's default and grid
+    for name, base in (("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")):
+        twin = parse_tune_config({**data, "tune": {"methods": [base]}}).tune.methods[0]
+        assert methods[name].default_setting() == twin.default_setting() and methods[name].full_grid() == twin.full_grid()
+
+
 def test_a_given_grid_gets_the_default_setting_added():
     config = parse_tune_config(_data(PAPER_ZOO))
     assert config.tune.methods[0].full_grid() == {"lambda": [0.4, 0.5, 1.0]}
@@ -299,3 +317,42 @@ def test_components_fit_the_budget_and_build_the_merge(tiny_zoo, tmp_path, metho
     for name in stored.names:
         moved = (exact[name] - plain[name]).abs().max()
         assert (built[name] - exact[name]).abs().max() <= 2**-8 * moved + 1e-6, name
+
+
+def test_a_tuned_winner_with_a_union_vocabulary_and_a_lora_is_the_merge_of_its_choice(micro_zoo, prefect_harness, tmp_path):
+    """`tokenizer_source: union` and a `model+lora` model through the tuner: the winner's folder is `pcbmerge
+    merge` of the config with the winner's setting and λ (tokenizer files, vocab_size and embeddings equal)."""
+    import torch
+    from builders import save_lora_adapter, save_with_added_tokens
+    from safetensors.torch import load_file
+
+    from flows.tune import tune_flow
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import merge_to_folder
+
+    first, second = (micro_zoo.experts[t] for t in micro_zoo.tasks[:2])
+    extra = save_with_added_tokens(second, tmp_path / "extra", ["<y1>", "<y2>", "<y3>"], seed=4)
+    lora = save_lora_adapter(first, tmp_path / "lora", seed=7)
+    data = _data(micro_zoo, methods=[{"method": "task_arithmetic", "grid": {"lambda": [0.5, 1.0]}}], budget=3, limit=2, top_k=1, report_defaults=False)
+    data.update(models=[{"model": f"{first}+{lora}"}, {"model": str(extra)}], tokenizer_source="union", register_as=None)
+    data["evaluation"]["limit"] = 2
+    outcome = tune_flow(parse_tune_config(data, source="test"))
+    assert outcome.finished and outcome.winner == "task_arithmetic"
+
+    winner = outcome.leaderboard[0]
+    models = [{"model": m["model"], "parameters": {"lambda": x}} for m, x in zip(data["models"], winner.lambdas)]
+    merge = {
+        "merge_method": "task_arithmetic",
+        "base_model": data["base_model"],
+        "models": models,
+        "parameters": winner.parameters,
+        "tokenizer_source": "union",
+    }
+    written = tmp_path / "direct"
+    merge_to_folder(parse_merge_config(merge), written, device="cpu")
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (written / name).read_text() == open(f"{outcome.folder}/{name}").read(), name
+    ours, theirs = load_file(f"{outcome.folder}/model.safetensors"), load_file(written / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(ours[name], theirs[name]), name
+    assert json.loads((written / "config.json").read_text())["vocab_size"] == theirs["model.embed_tokens.weight"].shape[0]

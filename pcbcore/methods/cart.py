@@ -1,5 +1,10 @@
-"""CART: Centered Arithmetic with Rank-reduced Task vectors (Choi et al., "Revisiting Weight Averaging for
-Model Merging", arXiv 2412.12153, 2024).
+"""CART: Centered Arithmetic with Rank-reduced Task vectors (Choi, Kim, Lee, Hong, "Revisiting Weight Averaging
+for Model Merging", arXiv 2412.12153, 2024).
+
+The merge below is the paper's CART (its centred task vectors and their low-rank approximation); equation
+numbers are left uncited (not confirmed against the paper's text). It was checked against the authors'
+released code (`StaticMergeModule._merge_weights`, method "CART"): θ_avg plus `prior` times the sum of the
+rank-⌊ρ·min(rows, cols)⌋ (at least 1) truncations of θ_i − θ_avg, which is what is computed here.
 
 Weight averaging is task arithmetic around a moved origin: with θ_avg = θ_pre + τ̄ (τ̄ = Σ_i τ_i/n), the
 *centered* task vectors τ_i − τ̄ carry what distinguishes the tasks, and their leading singular directions
@@ -10,7 +15,11 @@ back to the average:
 
 per matrix (2-D tensor). Defaults as in the authors' 8-task ViT-B/32 configuration: rank ratio ρ = 0.12 and
 α (their "prior") = 2.0. Tensors that are not matrices take their full centered vectors, which sum to zero,
-so they end at the average, as in the authors' code.
+so they end at the average, as in the authors' code. One difference in scope: the authors' code truncates
+only the attention and MLP matrices of a CLIP encoder (keys naming `attn` or `mlp`, not norms or biases) and
+leaves every other 2-D tensor (embeddings, projections) at the average, whereas here every matrix is
+truncated, embeddings and the LM head included (at ρ = 1 a matrix ends at θ_avg, as the authors' other
+tensors do, since full centred vectors sum to zero).
 
 Components (eq. (1) of SPEC holds exactly): C_i = τ_i/n + α·SVD_k(τ_i − τ̄) (for non-matrices,
 τ_i/n + α·(τ_i − τ̄)). At λ = 1 their sum is θ_avg − θ_pre + α Σ_i SVD_k(τ_i − τ̄); λ_i moves the merge

@@ -1,5 +1,9 @@
-"""Consensus merging with TALL masks, data-free (Wang et al., "Localizing Task Information for Improved
-Model Merging and Compression", ICML 2024, arXiv 2405.07813).
+"""Consensus merging with TALL masks, data-free (Wang, Dimitriadis, Ortiz-Jiménez, Fleuret, Frossard,
+"Localizing Task Information for Improved Model Merging and Compression", ICML 2024, arXiv 2405.07813).
+
+The mask rule and the consensus count are the paper's TALL masks and Consensus Merging; equation numbers are
+left uncited (not confirmed against the paper's text). Both were checked against the authors' released code
+(`generate_task_masks`, `construct_consensus_mask`, and `create_task_vector`'s "consensus" branch).
 
 Given a multi-task vector τ_MTL from task arithmetic (Σ_i w_i τ_i) or TIES, each task's TALL mask marks the
 entries where the task's own update outweighs what the merge moves it away by:
@@ -19,6 +23,12 @@ TIES's own default in this engine). k = 0 gives back the underlying method; k > 
 Components (eq. (1) of SPEC holds exactly): the masks are computed from the λ-free components C_i of the
 underlying method (τ_MTL = Σ_i C_i), then C_i ← α · m ⊙ C_i. Everything is per entry, so tensors stream in
 row blocks; `consensus_ties` runs TIES's stages (trim cut, majority sign) over its scope first.
+
+Where the authors' code differs: (1) its τ_MTL is the unweighted Σ_i τ_i (task arithmetic) or TIES with a
+disjoint *sum* trimmed to the top 20 % over the whole model, for the masks and the merged vector alike; here
+it is the underlying method as configured, per-model `weight`s included, and TIES's disjoint mean by default
+(`normalize: false` and `scope: model` give the authors' form). With unit weights `consensus_ta` matches
+theirs. (2) The authors choose λ_m per task on validation data, and α on validation data afterwards.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""Iso-C and Iso-CTS: isotropic merging (Marczak et al., "No Task Left Behind", ICML 2025, arXiv 2502.04959).
+"""Iso-C and Iso-CTS: Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
+Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025 (PMLR 267; arXiv 2502.04959).
+
+Both are the paper's Section 4, "Isotropic Merging in Common and Task-specific Subspaces" (Iso-C its merge in
+the common subspace, Iso-CTS its extension with task-specific subspaces); equation numbers are left uncited
+(not confirmed against the paper's text). The steps below were checked line by line against the authors'
+`iso_c` / `iso_cts` as released in FusionBench (`isotropic_merging`): same sum, same mean of σ over all r
+kept values, same rank split with Python's round, same order of the blocks before orthogonalising.
 
 Task arithmetic's sum of task matrices has a spectrum dominated by a few directions, which the tasks with
 the largest updates own; the others are left behind. Both methods flatten the spectrum. Per matrix
@@ -18,7 +25,10 @@ directions specific to each task and orthogonal to the common ones.
     `pcbcore.methods.tsv.orthogonalise`), and M = α · σ̄ · U⊥ V⊥ᵀ with σ̄ the mean of all r kept σ.
 
 Tensors that are not matrices are merged by the mean of the task vectors, α·Σ_i τ_i/n (both methods, as in
-the authors' code). α defaults to 1.0 as in the authors' configs; the paper selects it on validation data.
+the authors' code). α defaults to 1.0, FusionBench's `scaling_factor` for both; the paper selects it on
+validation data. One guard the authors' code lacks: when rounding would give the task parts more than r
+directions (a small common fraction), one direction per task is moved back to the common part
+(`split_rank`); at the default f = 0.8 the split is the authors'.
 
 Components: Iso-C is not linear in the task vectors (σ̄ and U Vᵀ depend on their sum), so eq. (1) of SPEC
 holds only trivially: C_i = M/n, and λ_i scales an equal share of one merged update (Σ_i λ_i/n · M), not

@@ -1,4 +1,10 @@
-"""TSV-Merge: Task Singular Vectors (Gargiulo et al., CVPR 2025, arXiv 2412.00081, "TSV-Merge").
+"""TSV-Merge (TSV-M): Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, "Task Singular Vectors:
+Reducing Task Interference in Model Merging", CVPR 2025 (arXiv 2412.00081).
+
+What is implemented is the paper's TSV-Merge, built on its TSV-Compress (the low-rank step 1 below), checked
+step by step against the authors' released code (`compute_and_sum_svd_mem_reduction`) and FusionBench's
+`TaskSingularVectorMerging`, which agree. Equation numbers are left uncited (not confirmed against the
+paper's text); the steps are named by the paper's procedures, TSV-C and TSV-M.
 
 Per matrix (2-D tensor) of the scope, with n tasks and r = min(rows, cols):
 
@@ -13,7 +19,10 @@ Per matrix (2-D tensor) of the scope, with n tasks and r = min(rows, cols):
 
 Tensors that are not matrices (norms, biases) are merged by the mean of the task vectors, α·Σ_i τ_i/n, as
 the authors' code does. A matrix too thin to give every task one direction (r < n) is merged by the mean too
-(the authors' code would zero it, its k being 0).
+(the authors' code would zero it, its k being 0). Two further, harmless, differences from that code: k is
+⌊r/n⌋ exactly (the code computes int(r · (1/n)) in floating point), and the concatenated U, V hold only the
+n·k kept columns (the code pads them with zero columns to r, which, U having full column rank, leaves U⊥'s
+first n·k columns, the only ones used, unchanged). α = 1.0 is FusionBench's default scale.
 
 Components (eq. (1) of SPEC holds exactly): M is a sum of per-task blocks,
     C_i = α · U⊥[:, block i] · Σ_i^k · V⊥[:, block i]ᵀ,
@@ -31,7 +40,7 @@ from pcbcore.stages import Block, Stats
 
 
 class TsvParams(FrozenModel):
-    alpha: float = Field(1.0, description="overall scale α of the merged task vector (the paper uses 1.0)")
+    alpha: float = Field(1.0, description="overall scale α of the merged task vector (1.0, FusionBench's default)")
 
 
 def is_matrix(block: Block) -> bool:

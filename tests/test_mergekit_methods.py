@@ -286,10 +286,12 @@ ALL_METHODS = [
     ("sce", {"select_topk": 0.5}, 3),
     ("model_stock", {}, 3),
     ("model_stock", {"filter_wise": True}, 3),
+    ("ram", {}, 3),
+    ("ramplus_tl", {}, 3),
     ("nearswap", {"t": 0.05}, 1),
     ("arcee_fusion", {}, 1),
 ]
-SYMMETRIC = [m for m in ALL_METHODS if m[0] in {"multislerp", "karcher", "breadcrumbs", "breadcrumbs_ties", "sce", "model_stock"}]
+SYMMETRIC = [m for m in ALL_METHODS if m[0] in {"multislerp", "karcher", "breadcrumbs", "breadcrumbs_ties", "sce", "model_stock", "ram", "ramplus_tl"}]
 PROPERTY = settings(max_examples=10, deadline=None)
 
 
@@ -320,6 +322,8 @@ def test_every_mergekit_method_is_registered_with_described_parameters():
         "model_stock",
         "nearswap",
         "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     ]:
         method = METHODS[name]
         for model in (method.params, method.model_params):

@@ -16,6 +16,7 @@ from pcbcore.methods import (
     nuslerp,
     passthrough,
     pcb,
+    ram,
     sce,
     slerp,
     task_arithmetic,
@@ -50,6 +51,8 @@ METHODS: dict[str, MergeMethod] = {
     "nearswap": nearswap.METHOD,
     "arcee_fusion": arcee_fusion.METHOD,
     "passthrough": passthrough.METHOD,
+    "ram": ram.RAM,
+    "ramplus_tl": ram.RAMPLUS_TL,
 }
 
 __all__ = ["METHODS", "MergeMethod", "combine", "lambdas_of"]

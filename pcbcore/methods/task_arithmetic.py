@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, TensorInputs, WeightedModelParams, scaled_components, shared_lambda
+from pcbcore.methods.base import Fraction, MergekitMemoryOption, MergeMethod, TensorInputs, WeightedModelParams, scaled_components, shared_lambda
 from pcbcore.methods.mergekit_ops import generalized_task_arithmetic
 
 
 class TaskArithmeticParams(MergekitMemoryOption):
     normalize: bool = Field(False, description="divide by the sum of weights")
+    rescale: bool = Field(False, description="accepted, as mergekit accepts it for every task-arithmetic method; no effect (nothing is dropped)")
+
+
+class TaskArithmeticModelParams(WeightedModelParams):
+    density: Fraction = Field(1.0, description="accepted, as mergekit accepts it; no effect (task arithmetic keeps every entry)")
 
 
 def task_arithmetic_scales(params: TaskArithmeticParams, model_params: list) -> list[float]:
@@ -33,7 +38,7 @@ def task_arithmetic_exact(inputs: TensorInputs, params: TaskArithmeticParams, mo
 METHOD = MergeMethod(
     "task_arithmetic",
     TaskArithmeticParams,
-    WeightedModelParams,
+    TaskArithmeticModelParams,
     scaled_components(task_arithmetic_scales),
     scales=task_arithmetic_scales,
     exact=task_arithmetic_exact,

@@ -160,6 +160,8 @@ class OutputSlice(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sources: list[SliceSource] = Field(min_length=1, description="the models whose layers this slice merges")
     parameters: dict[str, Any] = Field(default_factory=dict, description="parameters of this slice (above the top-level ones)")
+    base_model: str | None = Field(default=None, description="this slice's base (one of its sources), in place of the file's base_model, as in mergekit")
+    residual_weight: float | None = Field(default=None, description="accepted and ignored, as mergekit 0.1.5 ignores it")
 
     null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
 
@@ -182,6 +184,7 @@ class SliceSpec:
     sources: tuple[SourceSpec, ...]
     parameters: dict
     where: str  # "" for the `models:` form
+    base_model: str | None = None  # this slice's own θ_pre (mergekit's slice `base_model`; None: the file's)
 
 
 class RawMergeConfig(BaseModel):
@@ -313,7 +316,12 @@ class MergeConfig(BaseModel):
             return str(resolve_one(ref)) if lora is None else f"{resolve_one(model)}+{resolve_one(lora)}"
 
         slices = tuple(
-            SliceSpec(tuple(SourceSpec(str(resolve(s.model)), s.layer_range, s.parameters, s.where) for s in spec.sources), spec.parameters, spec.where)
+            SliceSpec(
+                tuple(SourceSpec(str(resolve(s.model)), s.layer_range, s.parameters, s.where) for s in spec.sources),
+                spec.parameters,
+                spec.where,
+                None if spec.base_model is None else str(resolve(spec.base_model)),
+            )
             for spec in self.slices
         )
         vocabulary = self.vocabulary
@@ -474,7 +482,12 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
             lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
             if len(lengths) > 1:
                 raise MergeInputError(f"{source}: key '{where}.sources': every source of a slice must hold the same number of layers (got {sorted(lengths)})")
-            specs.append(SliceSpec(tuple(sources), out_slice.parameters, where))
+            slice_base = None if out_slice.base_model is None else _model_ref(out_slice.base_model, f"{where}.base_model", source)
+            if slice_base is not None and slice_base not in {s.model for s in sources}:
+                raise MergeInputError(
+                    f"{source}: key '{where}.base_model': '{slice_base}' must be one of the slice's sources (mergekit takes its layers from there)"
+                )
+            specs.append(SliceSpec(tuple(sources), out_slice.parameters, where, slice_base))
     else:
         sources = []
         for k, entry in enumerate(raw.models):

@@ -96,7 +96,10 @@ def _plan(config: MergeConfig, reader_of, readers: dict) -> MergeInputs:
     base_ref = None if config.zero_base else config.base_model
     base_reader = reader_of(base_ref) if base_ref is not None else None
     takes_base = config.method.base_may_be_a_model
-    slices = [_slice_inputs(config, spec, base_ref, takes_base, index_of) for spec in config.slices]
+    slices = [
+        _slice_inputs(config, spec, base_ref if spec.base_model is None or base_ref is None else spec.base_model, takes_base, index_of)
+        for spec in config.slices
+    ]
 
     jobs: list[TensorJob] = []
     copied: dict[str, tuple[TensorReader, str]] = {}

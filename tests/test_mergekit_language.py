@@ -219,3 +219,31 @@ def test_ties_rescale_is_mergekits_l1_rescale_and_refused_outside_mergekits_orde
     for extra in ({"compute_dtype": "float32"}, {"parameters": {"rescale": True, "scope": "model"}}):
         with pytest.raises(MergeInputError, match=r"^t.yml: key 'parameters.rescale': ties with rescale: true"):
             parse_merge_config({**data, **extra}, source="t.yml")
+
+
+def test_a_slice_can_name_its_own_base(tiny_zoo, tmp_path):
+    """mergekit's slice-level `base_model`: that slice's layers are merged around it (here ft0, so with
+    weight 1 the second layer is ft1's); `residual_weight` is accepted and ignored, as mergekit ignores it."""
+    base, models = tiny_zoo
+    src = lambda model, start: {"model": str(model), "layer_range": [start, start + 1]}  # noqa: E731
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "slices": [
+            {"sources": [src(base, 0), src(models[0], 0)]},
+            {"base_model": str(models[0]), "residual_weight": 0.5, "sources": [src(models[0], 1), src(models[1], 1)]},
+        ],
+    }
+    out = tmp_path / "out"
+    merge_to_folder(parse_merge_config(data), out, device="cpu")
+    merged, first, second = (CheckpointReader(p) for p in (out, models[0], models[1]))
+    layer0 = [n for n in merged.tensors if ".layers.0." in n]
+    layer1 = [n for n in merged.tensors if ".layers.1." in n]
+    assert layer0 and layer1
+    for name in layer0:
+        assert torch.allclose(merged.read(name), first.read(name), atol=1e-6), name  # base + (ft0 − base)
+    for name in layer1:
+        assert torch.allclose(merged.read(name), second.read(name), atol=1e-6), name  # ft0 + (ft1 − ft0)
+    wrong = {**data, "slices": [data["slices"][0], {**data["slices"][1], "base_model": str(models[2])}]}
+    with pytest.raises(MergeInputError, match=r"key 'slices\[1\].base_model': .* must be one of the slice's sources"):
+        parse_merge_config(wrong)

@@ -272,3 +272,24 @@ def test_a_lines_block_is_checked_key_by_key():
         parse_merge_config(data)
     with pytest.raises(MergeInputError, match="lines.beta"):
         parse_merge_config({**data, "lines": {"alpha": 1.0}})
+
+
+def test_an_svd_that_does_not_converge_in_float32_is_done_in_float64(monkeypatch):
+    """LAPACK's divide and conquer can fail on an ill-conditioned float32 matrix (Iso-CTS did at 477M): the
+    decomposition is retried in float64 and returned in the input's dtype. The failure is injected into
+    torch.linalg.svd for float32 input."""
+    from pcbcore.methods import tsv
+
+    real = torch.linalg.svd
+
+    def fails_in_float32(a, full_matrices=True):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", fails_in_float32)
+    for shape in ((30, 12), (12, 30)):
+        a = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        u, s, vh = tsv.svd(a)
+        assert u.dtype == s.dtype == vh.dtype == torch.float32
+        assert torch.allclose(u @ torch.diag(s) @ vh, a, atol=1e-5)

@@ -55,7 +55,18 @@ def as_matrices(task_vectors: torch.Tensor, block: Block) -> torch.Tensor:
 
 def svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD a = U diag(σ) Vᵀ as (U, σ, Vᵀ). A wide matrix is decomposed through its transpose:
-    LAPACK's divide and conquer is several times faster on tall matrices (512×1376: 4× on CPU)."""
+    LAPACK's divide and conquer is several times faster on tall matrices (512×1376: 4× on CPU).
+
+    Divide and conquer can fail to converge in float32 on an ill-conditioned matrix with many repeated
+    singular values (Iso-CTS's concatenated bases at 477M did): that matrix is decomposed in float64."""
+    try:
+        return _thin_svd(a)
+    except torch.linalg.LinAlgError:
+        u, s, vh = _thin_svd(a.double())
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def _thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if a.shape[0] >= a.shape[1]:
         return torch.linalg.svd(a, full_matrices=False)
     v, s, uh = torch.linalg.svd(a.T, full_matrices=False)

@@ -40,16 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcbcore.checkpoint import CheckpointReader, atomic_output, copy_side_files
+from pcbcore.checkpoint import CheckpointReader, atomic_output
 from pcbcore.config import MergeConfig
 from pcbcore.device import resolve_device
 from pcbcore.errors import MergeInputError
-from pcbcore.executor import BlockLoader, Progress, block_shape, merged_blocks, stream_components
+from pcbcore.executor import BlockLoader, Progress, block_shape, merged_blocks, stream_components, write_side_files
 from pcbcore.inputs import open_inputs
 from pcbcore.lora import split_reference
 from pcbcore.memory import keep_freed_memory
 from pcbcore.methods import combine
-from pcbcore.tokenizer import choose_chat_template, model_folder, set_vocab_size, write_chat_template, write_tokenizer
+from pcbcore.tokenizer import model_folder
 
 COMPONENTS_MANIFEST = "components.json"
 COMPONENTS_FORMAT = 2  # 2: bf16, sparse or recomputed (1: dense float32); part of a store's cache key
@@ -179,20 +179,9 @@ def _reads_base_changed(config: MergeConfig) -> bool:
 
 
 def _write_side_files(config: MergeConfig, inputs, folder: Path) -> None:
-    """What `merge_to_folder` writes besides the weights: the base's config.json (its `vocab_size` the output
-    vocabulary's), generation config and tokenizer files, the tokenizer source's, the vocabulary's added
-    tokens, the chat template."""
+    """What `merge_to_folder` writes besides the weights (`pcbcore.executor.write_side_files`), in a new folder."""
     folder.mkdir()
-    base_dir, tokenizer_dir = model_folder(config.base_model), model_folder(config.tokenizer_source)
-    copy_side_files(base_dir, folder, config.out_dtype)
-    if tokenizer_dir != base_dir:
-        copy_side_files(tokenizer_dir, folder, None, tokenizer_only=True)
-    if inputs.vocabulary is not None:
-        write_tokenizer(inputs.vocabulary, folder)
-        set_vocab_size(folder / "config.json", inputs.vocabulary.rows)
-    template = choose_chat_template(config) if config.chat_template else None
-    if template is not None:
-        write_chat_template(template, folder)
+    write_side_files(config, inputs, folder)
 
 
 def _store(config: MergeConfig, inputs, dev: torch.device, tmp: Path, n: int, budget_bytes: float, progress: Progress | None) -> dict | None:

@@ -395,6 +395,24 @@ def set_layer_count(config_json: Path, layers: int) -> None:
     config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_side_files(config: MergeConfig, inputs: MergeInputs, folder: Path) -> None:
+    """What a merged folder holds besides its weights and card: the base's config.json (its layer count a
+    slice merge's, its `vocab_size` the output vocabulary's), generation config and tokenizer files, the
+    tokenizer source's, the vocabulary's added tokens, the chat template."""
+    base_dir, tokenizer_dir = model_folder(config.base_model), model_folder(config.tokenizer_source)
+    copy_side_files(base_dir, folder, config.out_dtype)
+    if inputs.num_layers is not None:
+        set_layer_count(folder / "config.json", inputs.num_layers)
+    if tokenizer_dir != base_dir:
+        copy_side_files(tokenizer_dir, folder, None, tokenizer_only=True)
+    if inputs.vocabulary is not None:
+        write_tokenizer(inputs.vocabulary, folder)
+        set_vocab_size(folder / "config.json", inputs.vocabulary.rows)
+    template = choose_chat_template(config) if config.chat_template else None
+    if template is not None:
+        write_chat_template(template, folder)
+
+
 def block_shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
     """The shape of a block of a tensor: its rows [start, stop) (None: the whole tensor)."""
     return info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
@@ -442,18 +460,7 @@ def merge_to_folder(
             for info in inputs.passthrough:
                 writer.write(info.name, inputs.read_copied(info.name))
             writer.close()
-            base_dir, tokenizer_dir = model_folder(config.base_model), model_folder(config.tokenizer_source)
-            copy_side_files(base_dir, tmp, config.out_dtype)
-            if inputs.num_layers is not None:
-                set_layer_count(tmp / "config.json", inputs.num_layers)
-            if tokenizer_dir != base_dir:
-                copy_side_files(tokenizer_dir, tmp, None, tokenizer_only=True)
-            if inputs.vocabulary is not None:
-                write_tokenizer(inputs.vocabulary, tmp)
-                set_vocab_size(tmp / "config.json", inputs.vocabulary.rows)
-            template = choose_chat_template(config) if config.chat_template else None
-            if template is not None:
-                write_chat_template(template, tmp)
+            write_side_files(config, inputs, tmp)
             write_model_card(config, tmp, config_text)
     finally:
         inputs.close()

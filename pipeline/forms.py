@@ -40,11 +40,19 @@ _RESTRICTING = (
 )
 
 
-def parameters_model(method: str) -> type[BaseModel]:
+def shown(info) -> bool:
+    """Whether a method's key is a form field: not one accepted only so mergekit's files run, with no effect
+    (`json_schema_extra={"no_effect": True}`, e.g. task arithmetic's `density`)."""
+    return not (isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("no_effect"))
+
+
+def parameters_model(method: str, form: bool = False) -> type[BaseModel]:
     """The top-level `parameters` of `method`: its own keys and, as defaults for every model, its per-model
     keys (mergekit's layout), each with the registry's type, default, range and description."""
     entry = METHODS[method]
-    fields = {name: (info.annotation, info) for name, info in {**entry.params.model_fields, **entry.model_params.model_fields}.items()}
+    fields = {
+        name: (info.annotation, info) for name, info in {**entry.params.model_fields, **entry.model_params.model_fields}.items() if not form or shown(info)
+    }
     model = create_model(
         f"{method}_parameters",
         __config__=ConfigDict(extra="forbid", frozen=True, populate_by_name=True, title=method),
@@ -54,7 +62,7 @@ def parameters_model(method: str) -> type[BaseModel]:
     return model
 
 
-def model_parameters_model(method: str) -> type[BaseModel]:
+def model_parameters_model(method: str, form: bool = False) -> type[BaseModel]:
     """Per-model `parameters` of `method`: every key optional, since an unset one takes the top-level value."""
     entry = METHODS[method]
     fields = {
@@ -63,6 +71,7 @@ def model_parameters_model(method: str) -> type[BaseModel]:
             Field(None, alias=info.alias, description=info.description),
         )
         for name, info in entry.model_params.model_fields.items()
+        if not form or shown(info)
     }
     return create_model(
         f"{method}_model_parameters",
@@ -122,7 +131,7 @@ def method_parameters_schema() -> dict[str, Any]:
         "title": "Parameters",
         "description": "the method's parameters: pick the set named like merge_method (per-model keys here are defaults for every model)",
         "default": {},
-        "anyOf": [lenient(inline_schema(parameters_model(name))) for name in METHOD_NAMES],
+        "anyOf": [lenient(inline_schema(parameters_model(name, form=True))) for name in METHOD_NAMES],
     }
 
 
@@ -131,7 +140,7 @@ def model_entry_schema(description: str) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     users: dict[str, list[str]] = {}
     for name in METHOD_NAMES:
-        for key, spec in inline_schema(model_parameters_model(name))["properties"].items():
+        for key, spec in inline_schema(model_parameters_model(name, form=True))["properties"].items():
             keys.setdefault(key, spec)
             users.setdefault(key, []).append(name)
     properties = {}
@@ -164,8 +173,11 @@ def method_dependent_schema() -> dict[str, Any]:
     for name in reversed(METHOD_NAMES):
         then = {
             "properties": {
-                "parameters": strict(inline_schema(parameters_model(name))),
-                "models": {"type": "array", "items": {"type": "object", "properties": {"parameters": strict(inline_schema(model_parameters_model(name)))}}},
+                "parameters": strict(inline_schema(parameters_model(name, form=True))),
+                "models": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"parameters": strict(inline_schema(model_parameters_model(name, form=True)))}},
+                },
             }
         }
         chain = {"if": {"properties": {"merge_method": {"const": name}}}, "then": then, **({"else": chain} if chain else {})}
@@ -198,7 +210,7 @@ def form_parameters(method: str, given: dict[str, Any]) -> dict[str, Any]:
     the values the method uses when the keys are left out."""
     if method not in METHODS:
         return given
-    model = parameters_model(method)
+    model = parameters_model(method, form=True)
     defaults = {info.alias or name: info.get_default(call_default_factory=True) for name, info in model.model_fields.items() if not info.is_required()}
     return {**{k: v for k, v in defaults.items() if v is not None}, **given}
 

@@ -13,11 +13,17 @@ from pcbcore.methods.mergekit_ops import generalized_task_arithmetic
 
 class TaskArithmeticParams(MergekitMemoryOption):
     normalize: bool = Field(False, description="divide by the sum of weights")
-    rescale: bool = Field(False, description="accepted, as mergekit accepts it for every task-arithmetic method; no effect (nothing is dropped)")
+    rescale: bool = Field(
+        False,
+        description="accepted, as mergekit accepts it for every task-arithmetic method; no effect (nothing is dropped)",
+        json_schema_extra={"no_effect": True},
+    )
 
 
 class TaskArithmeticModelParams(WeightedModelParams):
-    density: Fraction = Field(1.0, description="accepted, as mergekit accepts it; no effect (task arithmetic keeps every entry)")
+    density: Fraction = Field(
+        1.0, description="accepted, as mergekit accepts it; no effect (task arithmetic keeps every entry)", json_schema_extra={"no_effect": True}
+    )
 
 
 def task_arithmetic_scales(params: TaskArithmeticParams, model_params: list) -> list[float]:

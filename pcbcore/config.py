@@ -43,7 +43,7 @@ from pcbcore.errors import MergeInputError
 from pcbcore.lines import LinesParams
 from pcbcore.lora import split_reference
 from pcbcore.methods import METHODS, MergeMethod
-from pcbcore.methods.base import FrozenModel, ModelParams
+from pcbcore.methods.base import FrozenModel, ModelParams, unit_lambdas
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -254,6 +254,12 @@ class MergeConfig(BaseModel):
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.method_name]
+
+    @property
+    def components_refusal(self) -> str | None:
+        """Why this merge has no components form (`MergeMethod.components_refusal`), or None."""
+        method = self.method
+        return method.components_refusal(self.params) if method.components_refusal else None
 
     @property
     def exact(self) -> bool:
@@ -574,9 +580,8 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         vocabulary=vocabulary,
         chat_template=_chat_template(raw.chat_template, source),
     )
-    refusal = method.components_refusal(params) if method.components_refusal else None
-    if refusal is not None and not (config.exact and all(m.lambda_ == 1.0 for m in model_params)):
-        raise MergeInputError(f"{source}: {refusal}")
+    if config.components_refusal is not None and not (config.exact and unit_lambdas(model_params)):
+        raise MergeInputError(f"{source}: {config.components_refusal}")
     return config
 
 

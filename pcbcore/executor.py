@@ -138,7 +138,7 @@ class BlockLoader:
                 self._check(task_vectors[k], reader, name, rows)
             except MergeInputError:
                 self._check(raw.to(torch.float32), reader, name, rows)  # names NaN/Inf in θ_i if it has any
-                raise MergeInputError(f"tensor '{name}' of model '{reader.label}' differs from the base by more than float32 can hold") from None
+                raise overflow_error(name, reader.label, torch.float32) from None
         self._last = (key, (base, task_vectors))
         return base, task_vectors
 
@@ -150,11 +150,7 @@ class BlockLoader:
         shape = block_shape(info, rows)
         raws = [] if job.base is None else [(job.base[0], job.base[1])]
         raws += [(reader, name) for _, reader, name in job.models]
-        values = []
-        for reader, name in raws:
-            raw = reader.read(name, rows)
-            self.bytes_read += raw.numel() * raw.element_size()
-            values.append(raw.to(self.device, non_blocking=True).reshape(shape))
+        values = [self._raw(reader, name, rows).reshape(shape) for reader, name in raws]  # in `working` when set
         dtype = self.working
         if dtype is None:
             dtype = values[0].dtype
@@ -185,6 +181,11 @@ class BlockLoader:
                 columns = sample_columns(base.numel(), want, self.device, generator) if small else slice(None)
                 parts.append(torch.stack([m[columns] for m in models]).to(torch.float32) - base[columns].to(torch.float32))
         return torch.cat(parts, dim=1)
+
+
+def overflow_error(name: str, label: str, dtype: torch.dtype) -> MergeInputError:
+    """Finite inputs whose difference does not fit the dtype the task vector is computed in."""
+    return MergeInputError(f"tensor '{name}' of model '{label}' differs from the base by more than {str(dtype).removeprefix('torch.')} can hold")
 
 
 def _block_numel(block: Block) -> int:
@@ -330,9 +331,9 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
     A tensor whose parameters are pcbmerge's own (per-model λ_i, or a key mergekit lacks: the method's `exact`
     returns None) merges in the components form instead."""
     method, merged = config.method, loader.inputs.merged
-    method.stages(config.params, list(config.model_params))  # the method's own refusals (too few models, …)
     for k, info in enumerate(merged):
         params, model_params = job_params(config, loader, info)
+        method.stages(params, model_params)  # the method's own refusals for this tensor, as `compute_stats` runs them
         # An elementwise op order gives the same entries block by block: memory stays one block per model.
         spans = [block.rows for block in blocks_of(info)] if method.exact_blocks else [None]
         inputs = loader.load_whole(info, spans[0])
@@ -360,11 +361,10 @@ def _check_exact(result: torch.Tensor, inputs: TensorInputs, job, method: str) -
     low, high = torch.aminmax(result) if result.numel() else (torch.zeros(()), torch.zeros(()))
     if torch.isfinite(low) and torch.isfinite(high):
         return
-    dtype = str(inputs.dtype).removeprefix("torch.")
     for theta, (_, reader, _) in zip(inputs.models, job.models):
         if inputs.base is not None and not torch.isfinite(theta - inputs.base).all():
-            raise MergeInputError(f"tensor '{inputs.name}' of model '{reader.label}' differs from the base by more than {dtype} can hold")
-    raise MergeInputError(f"tensor '{inputs.name}': merging it with {method} overflows {dtype}")
+            raise overflow_error(inputs.name, reader.label, inputs.dtype)
+    raise MergeInputError(f"tensor '{inputs.name}': merging it with {method} overflows {str(inputs.dtype).removeprefix('torch.')}")
 
 
 def output_dtype(config: MergeConfig, info: TensorInfo) -> torch.dtype:

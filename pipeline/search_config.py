@@ -156,8 +156,7 @@ def parse_search_config(data: Any, source: str = "config") -> SearchPipelineConf
         unknown = sorted(set(search.weights) - set(pipeline.evaluation.tasks))
         if unknown:
             raise MergeInputError(f"{source}: key 'search.weights' names {unknown}, which are not in evaluation.tasks {pipeline.evaluation.tasks}")
-    merge = pipeline.merge_config(source)
-    refusal = merge.method.components_refusal(merge.params) if merge.method.components_refusal else None
+    refusal = pipeline.merge_config(source).components_refusal
     if refusal is not None:  # a search's candidates are the components form
         raise MergeInputError(f"{source}: {refusal}")
     if search.ratio is not None and pipeline.merge_method != "pcb":

@@ -124,3 +124,21 @@ def save_lora_adapter(model: Path, folder: Path, seed: int, r: int = 2, alpha: f
     (folder / "adapter_config.json").write_text(json.dumps(config))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def random_models(seed: int, n: int, shapes=((3, 5), (7,), (2, 2, 3))):
+    """A random base state dict and `n` fine-tunes of it (base + 0.1·noise), for the method property tests."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {f"t{k}": torch.randn(s, generator=gen) for k, s in enumerate(shapes)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+def run(method, params, base, models, per_model=None):
+    """`merge_state_dicts` of `models` around `base` with `method`, its top-level and per-model parameters."""
+    from pcbcore.config import parse_merge_config
+    from pcbcore.executor import merge_state_dicts
+
+    entries = [{"model": f"m{i}", "parameters": (per_model[i] if per_model else {})} for i in range(len(models))]
+    config = parse_merge_config({"merge_method": method, "base_model": "base", "models": entries, "parameters": params})
+    return merge_state_dicts(config, base, models, device="cpu")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from builders import random_models, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -293,19 +294,6 @@ ALL_METHODS = [
 ]
 SYMMETRIC = [m for m in ALL_METHODS if m[0] in {"multislerp", "karcher", "breadcrumbs", "breadcrumbs_ties", "sce", "model_stock", "ram", "ramplus_tl"}]
 PROPERTY = settings(max_examples=10, deadline=None)
-
-
-def random_models(seed: int, n: int, shapes=((3, 5), (7,), (2, 2, 3))):
-    gen = torch.Generator().manual_seed(seed)
-    base = {f"t{k}": torch.randn(s, generator=gen) for k, s in enumerate(shapes)}
-    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n)]
-    return base, models
-
-
-def run(method, params, base, models, per_model=None):
-    entries = [{"model": f"m{i}", "parameters": (per_model[i] if per_model else {})} for i in range(len(models))]
-    config = parse_merge_config({"merge_method": method, "base_model": "base", "models": entries, "parameters": params})
-    return merge_state_dicts(config, base, models, device="cpu")
 
 
 def test_every_mergekit_method_is_registered_with_described_parameters():

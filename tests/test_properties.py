@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import random_models, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pcbcore.executor as executor
 import pcbcore.methods.dare as dare
-from pcbcore.config import parse_merge_config
-from pcbcore.executor import merge_state_dicts
 
 DETERMINISTIC = [
     ("linear", {}),
@@ -25,19 +24,6 @@ DETERMINISTIC = [
 ALL = DETERMINISTIC + [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.5})]
 
 PROPERTY = settings(max_examples=15, deadline=None)
-
-
-def random_models(seed: int, n: int, shapes=((3, 5), (7,), (2, 2, 3))):
-    gen = torch.Generator().manual_seed(seed)
-    base = {f"t{k}": torch.randn(s, generator=gen) for k, s in enumerate(shapes)}
-    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n)]
-    return base, models
-
-
-def run(method, params, base, models, per_model=None):
-    entries = [{"model": f"m{i}", "parameters": (per_model[i] if per_model else {})} for i in range(len(models))]
-    config = parse_merge_config({"merge_method": method, "base_model": "base", "models": entries, "parameters": params})
-    return merge_state_dicts(config, base, models, device="cpu")
 
 
 @pytest.mark.parametrize("method,params", [m for m in ALL if m[0] != "linear"], ids=str)

@@ -70,7 +70,6 @@ def fusion_dtype(working: torch.dtype) -> torch.dtype:
 
 def arcee_fusion_exact(inputs: TensorInputs, params: ArceeFusionParams, model_params: list) -> torch.Tensor | None:
     """mergekit's op order (module docstring): importances and quartiles in the working dtype, a float32 mask."""
-    arcee_fusion_stages(params, model_params)  # the same refusal of other than one model
     if not unit_lambdas(model_params):
         return None
     base, (other,) = inputs.base, inputs.models  # the base is never among the models

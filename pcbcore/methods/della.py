@@ -94,7 +94,6 @@ def della_family_exact(consensus: bool):
         work dtype, L1 rescale when `rescale`), then generalized task arithmetic (`della`: with the sign
         consensus of Σ_i w_i·δ_i). None (the components form) for per-model λ_i, or a tensor with one entry
         along dim 1 (mergekit's rank normalisation divides 0 by 0 there)."""
-        della_stages(params, model_params)  # the same refusal of probabilities outside (0, 1)
         lambda_ = shared_lambda(model_params)
         if lambda_ is None or inputs.base is None:
             return None

@@ -70,7 +70,6 @@ def model_stock_components(task_vectors: torch.Tensor, stats: Stats, params: Mod
 
 def model_stock_exact(inputs: TensorInputs, params: ModelStockParams, model_params: list) -> torch.Tensor | None:
     """mergekit's op order, each step rounded in the working dtype (module docstring)."""
-    model_stock_stages(params, model_params)  # the same refusal of fewer than two models
     if not unit_lambdas(model_params):
         return None
     base = inputs.base

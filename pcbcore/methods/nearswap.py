@@ -34,7 +34,6 @@ def nearswap_components(task_vectors: torch.Tensor, stats: Stats, params: Nearsw
 
 def nearswap_exact(inputs: TensorInputs, params: NearswapParams, model_params: list) -> torch.Tensor | None:
     """mergekit's op order (module docstring), entry by entry in the working dtype."""
-    nearswap_stages(params, model_params)  # the same refusal of other than one model
     if not unit_lambdas(model_params):
         return None
     base = inputs.base

@@ -95,7 +95,6 @@ def nuslerp_rounded(t: float, v0: torch.Tensor, v1: torch.Tensor, params: Nusler
 
 def nuslerp_exact(inputs: TensorInputs, params: NuslerpParams, model_params: list) -> torch.Tensor | None:
     """mergekit's op order (module docstring): θ_pre + nuslerp(t, θ_1 − θ_pre, θ_2 − θ_pre), or of the weights without a base."""
-    nuslerp_stages(params, model_params)  # the same refusal of other than two models
     if not unit_lambdas(model_params):
         return None
     (theta1, theta2), (w1, w2) = inputs.models, [m.weight for m in model_params]  # the base is never among them

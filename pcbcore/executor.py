@@ -339,8 +339,8 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
         inputs = loader.load_whole(info, spans[0])
         result = method.exact(inputs, params, model_params)
         if result is not None:
-            for k, rows in enumerate(spans):
-                if k:
+            for span, rows in enumerate(spans):
+                if span:
                     inputs = loader.load_whole(info, rows)
                     result = method.exact(inputs, params, model_params)
                 _check_exact(result, inputs, loader.inputs.jobs[info.name], config.method_name)

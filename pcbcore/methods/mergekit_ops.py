@@ -24,7 +24,9 @@ process, the same masks as pcbmerge's components form, and at density 1 (nothing
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -38,16 +40,28 @@ from pcbcore.selection import select_in_memory
 Sparsify = Callable[[torch.Tensor, object, int], torch.Tensor]
 
 
+def elected_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """+1 where Σ_i δ_i ≥ 0 (−0 and 0 included), −1 elsewhere (NaN too), in δ's dtype: mergekit's elected sign
+    for the 'sum' consensus."""
+    return (deltas.sum(dim=0) >= 0).to(deltas.dtype).mul_(2).sub_(1)
+
+
+def agreement(deltas: torch.Tensor) -> torch.Tensor:
+    """mergekit's 'sum' consensus mask as 1.0/0.0 in δ's dtype: δ_i·s > 0 for the elected sign s = ±1.
+
+    That is mergekit's `sign δ_i == s` exactly: sign δ = +1 where δ > 0 and −1 where δ < 0 (a zero agrees with
+    neither, NaN with neither), and δ·(±1) is exact in every float dtype. Two passes over the models where
+    mergekit makes eight (a `where` over bool tensors alone costs more than the rest)."""
+    return torch.mul(deltas, elected_sign(deltas)).gt_(0)
+
+
 def elected_mask(deltas: torch.Tensor, method: Literal["sum", "count"], mask_dtype: torch.dtype) -> torch.Tensor:
     """mergekit's `get_mask`: whether each δ_i's sign is the elected one — the sign of Σ_i δ_i ('sum',
     TIES) or of Σ_i sign δ_i ('count'), + where that is 0."""
     if method == "sum":
-        # sign δ = +1 exactly where δ > 0 and −1 where δ < 0 (a zero agrees with neither): mergekit's mask in
-        # three passes instead of eight.
-        return torch.where(deltas.sum(dim=0) >= 0, deltas > 0, deltas < 0)
+        return agreement(deltas).bool()
     sign = deltas.sign().to(mask_dtype)
-    weight = deltas.sum(dim=0) if method == "sum" else sign.sum(dim=0)
-    majority = (weight >= 0).to(mask_dtype) * 2 - 1
+    majority = (sign.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
     return sign == majority
 
 
@@ -68,23 +82,35 @@ def generalized_task_arithmetic(
         return base
     deltas = base.new_empty((len(entries), *base.shape))
     for k, (i, theta, params) in enumerate(entries):
-        delta = theta - base
-        deltas[k] = delta if sparsify is None else sparsify(delta, params, i)
-        del delta
-    weights = torch.tensor([params.weight for _, _, params in entries], dtype=deltas.dtype, device=deltas.device)
+        if sparsify is None:
+            torch.sub(theta, base, out=deltas[k])
+        else:
+            deltas[k] = sparsify(theta - base, params, i)
+    return _mix(base, deltas, [params.weight for _, _, params in entries], normalize, lambda_, consensus)
+
+
+def _mix(
+    base: torch.Tensor, deltas: torch.Tensor, weights: list[float], normalize: bool, lambda_: float, consensus: Literal["sum", "count"] | None
+) -> torch.Tensor:
+    """θ_pre + Δ from the sparsified task vectors `deltas` (n, *shape), which it overwrites: mergekit's
+    weighting, consensus, normalisation and λ, in the working dtype."""
+    weights = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
     while deltas.dim() > weights.dim():
         weights.unsqueeze_(-1)
     unit = bool((weights == 1).all())
     if not unit:  # δ·1 is δ to the bit: skipped
         deltas.mul_(weights)
     if consensus is not None:
-        # Signs and the elected sign are exact in any dtype, so the mask is the same whatever `int8_mask` says;
-        # int8 is the cheaper. (masked_fill_ below is mergekit's boolean-index assignment, faster.)
-        mask = elected_mask(deltas, consensus, torch.int8)
-        mixed = deltas.mul_(mask).sum(dim=0)  # δ·[agrees] in place: δ is not needed after
+        # Signs and the elected sign are exact in any dtype, so the mask's dtype (mergekit's `int8_mask`) does
+        # not change a bit; 1.0/0.0 in δ's dtype is the cheapest. δ·1.0 and δ·0.0 are mergekit's δ·mask.
+        mask = agreement(deltas) if consensus == "sum" else elected_mask(deltas, consensus, deltas.dtype).to(deltas.dtype)
+        mixed = deltas.mul_(mask).sum(dim=0)  # in place: δ is not needed after
         # unit weights: Σ_i 1·[agrees_i] is a count, exact in any float dtype up to 256 models
-        divisor = mask.sum(dim=0, dtype=deltas.dtype) if unit and len(entries) <= 256 else (weights * mask).sum(dim=0)
-        divisor.masked_fill_(divisor == 0, 1)
+        if unit and deltas.shape[0] <= 256:
+            divisor = mask.sum(dim=0).clamp_(min=1)  # a count: 0 → 1 is mergekit's fill, the rest unchanged
+        else:
+            divisor = mask.mul_(weights).sum(dim=0)
+            divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
@@ -103,44 +129,35 @@ CHUNK = 1 << 18
 def masked_task_arithmetic(
     inputs: TensorInputs,
     model_params: list,
-    keep: Callable[[torch.Tensor, object], torch.Tensor | None],
+    densities: list[float],
     *,
     normalize: bool,
     lambda_: float,
     consensus: Literal["sum", "count"] | None = None,
 ) -> torch.Tensor:
-    """`generalized_task_arithmetic` for a sparsify that only masks (δ_i·mask_i, no rescale: TIES's trim), to
-    the same bits: each mask is chosen from the whole δ_i, then every later op — elementwise, or a sum over
-    the models of each entry — runs on chunks of CHUNK entries, which stay in cache instead of allocating a
-    whole tensor per op. `keep(δ_i, params)`: the flat bool mask, or None to keep every entry."""
+    """`generalized_task_arithmetic` with TIES's trim without rescale (`magnitude_masks`, δ_i·mask_i at the
+    model's density), to the same bits: each mask is chosen from the whole δ_i, then every later op —
+    elementwise, or a sum over the models of each entry — runs on chunks of CHUNK entries, which stay in
+    cache instead of allocating a whole tensor per op."""
     base = inputs.base
-    entries = [(theta, params) for theta, params, is_base in zip(inputs.models, model_params, inputs.is_base) if not is_base]
+    entries = [(theta, params, density) for theta, params, density, is_base in zip(inputs.models, model_params, densities, inputs.is_base) if not is_base]
     if not entries:
         return base
-    masks = []
-    for theta, params in entries:
-        masks.append(keep(theta - base, params))
+    masks = magnitude_masks([theta - base for theta, _, _ in entries], [density for _, _, density in entries])
+    weights = [params.weight for _, params, _ in entries]
     flat_base = base.reshape(-1)
-    thetas = [theta.reshape(-1) for theta, _ in entries]
+    thetas = [theta.reshape(-1) for theta, _, _ in entries]
     out = torch.empty_like(flat_base)
+    buffer = flat_base.new_empty((len(entries), min(CHUNK, flat_base.numel())))
     for start in range(0, flat_base.numel(), CHUNK):
         stop = min(start + CHUNK, flat_base.numel())
-        chunk = TensorInputs(inputs.name, flat_base[start:stop], [t[start:stop] for t in thetas], [False] * len(thetas), inputs.dtype)
-        chunk_masks = [None if mask is None else mask[start:stop] for mask in masks]
-        out[start:stop] = generalized_task_arithmetic(
-            chunk,
-            [params for _, params in entries],
-            normalize=normalize,
-            lambda_=lambda_,
-            sparsify=None if all(m is None for m in chunk_masks) else _apply_masks(chunk_masks),
-            consensus=consensus,
-        )
+        deltas = buffer[:, : stop - start]
+        for k, (theta, mask) in enumerate(zip(thetas, masks)):
+            torch.sub(theta[start:stop], flat_base[start:stop], out=deltas[k])
+            if mask is not None:
+                deltas[k].mul_(mask[start:stop])  # δ·True is δ, δ·False ±0: mergekit's δ·mask
+        out[start:stop] = _mix(flat_base[start:stop], deltas, weights, normalize, lambda_, consensus)
     return out.reshape(base.shape)
-
-
-def _apply_masks(masks: list[torch.Tensor | None]) -> Sparsify:
-    """The sparsify that multiplies δ_i by masks[i] (δ·True is δ, δ·False ±0, as mergekit's δ·mask)."""
-    return lambda delta, params, i: delta if masks[i] is None else delta * masks[i]
 
 
 def weighted_average(inputs: TensorInputs, weights: list[float], normalize: bool = True) -> torch.Tensor:
@@ -225,13 +242,37 @@ def sort_range_mask(w: torch.Tensor, start: int, stop: int, descending: bool) ->
     return keep if keep is not None else torch.ones(n, dtype=torch.bool, device=w.device)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
-    """The flat keep mask of mergekit's `magnitude` without rescale (None: density 1 keeps every entry)."""
-    if density >= 1:
-        return None
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    return sort_range_mask(sort_keys(delta), 0, max(1, int(density * delta.numel())), descending=True)
+_sort_pool: ThreadPoolExecutor | None = None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def magnitude_masks(deltas: list[torch.Tensor], densities: list[float]) -> list[torch.Tensor | None]:
+    """The flat keep mask of mergekit's `magnitude` without rescale for each δ_i at its density (None:
+    density 1 keeps every entry). On the CPU the sort simulations (`pcbcore.sort_order`: numpy, the GIL
+    released in each op) run in parallel threads, one per core at most; the torch ops that make their keys
+    run here first, so no two threads share torch's thread pool."""
+    global _sort_pool
+    masks: list[torch.Tensor | None] = [None] * len(deltas)
+    work = []
+    for i, (delta, density) in enumerate(zip(deltas, densities)):
+        if density >= 1:
+            continue
+        if density <= 0 or delta.numel() == 0:
+            masks[i] = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+            continue
+        work.append((i, sort_keys(delta), max(1, int(density * delta.numel()))))
+    if len(work) > 1 and _cores() > 1 and all(w.device.type == "cpu" and w.dtype == torch.float32 for _, w, _ in work):
+        if _sort_pool is None:
+            _sort_pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="pcbmerge-sort")
+        results = list(_sort_pool.map(lambda job: sort_range_mask(job[1], 0, job[2], descending=True), work))
+    else:
+        results = [sort_range_mask(w, 0, k, descending=True) for _, w, k in work]
+    for (i, _, _), mask in zip(work, results):
+        masks[i] = mask
+    return masks
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:

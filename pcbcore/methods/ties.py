@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pcbcore.kernels import sign_balance, sum_rows
+from pcbcore.kernels import count_rows, sign_balance, sum_rows, zero_past_first_
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
-from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude, magnitude_mask, masked_task_arithmetic
+from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude, masked_task_arithmetic
 from pcbcore.selection import KthSmallest, OrderStatistic
 from pcbcore.stages import Block, ReduceFn, Stage, Stats
 
@@ -86,7 +86,7 @@ def tie_allowance_stage(model_params: list) -> Stage:
         trim = stats.get(TrimCut)
         magnitude = task_vectors.abs()
         cut = trim.cut.to(task_vectors.device).unsqueeze(-1)
-        return (block.name, block.index), (magnitude > cut).sum(1).cpu(), (magnitude == cut).sum(1).cpu()
+        return (block.name, block.index), count_rows(magnitude > cut).cpu(), count_rows(magnitude == cut).cpu()
 
     def finish(stats: Stats, parts: list) -> None:
         budget = _kept_counts(stats, model_params) - sum(above for _, above, _ in parts)
@@ -127,15 +127,13 @@ def trim_topk(task_vectors: torch.Tensor, stats: Stats, block: Block | None = No
     if allowance is not None and block is not None and (block.name, block.index) in allowance.by_block:
         allowed = allowance.by_block[(block.name, block.index)].to(task_vectors.device)
     elif model_params is not None:  # one block is the whole scope
-        allowed = _kept_counts(stats, model_params).to(task_vectors.device) - (magnitude > cut).sum(1)
+        allowed = _kept_counts(stats, model_params).to(task_vectors.device) - count_rows(magnitude > cut)
     else:
         allowed = None
     keep = magnitude.ge_(cut)  # in place on |τ| (ours): 1.0 where kept
     if allowed is not None:
-        surplus = tied.sum(1) > allowed
-        if bool(surplus.any()):
-            drop = tied & (tied.cumsum(1) > allowed.unsqueeze(-1))  # ties past the allowance, in flat order
-            keep.masked_fill_(drop, 0.0)
+        if bool((count_rows(tied) > allowed).any()):
+            zero_past_first_(keep, tied, allowed)  # ties past the allowance, in flat order
     return keep.mul_(task_vectors)
 
 
@@ -214,9 +212,7 @@ def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> 
     if lambda_ is None or params.zero_sign != "positive" or inputs.base is None:
         return None
     if not params.rescale:  # a trim that only masks: the same bits, chunk by chunk after the masks
-        return masked_task_arithmetic(
-            inputs, model_params, lambda delta, m: magnitude_mask(delta, m.density), normalize=params.normalize, lambda_=lambda_, consensus="sum"
-        )
+        return masked_task_arithmetic(inputs, model_params, [m.density for m in model_params], normalize=params.normalize, lambda_=lambda_, consensus="sum")
     return generalized_task_arithmetic(
         inputs,
         model_params,

@@ -2,8 +2,8 @@
 "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging", ICLR 2025,
 arXiv 2410.17146).
 
-The scaling rule is the paper's LiNeS, applied as in its multi-task merging experiments; equation numbers are
-left uncited (not confirmed against the paper's text). It was checked against the authors' released code
+The scaling rule is the paper's LiNeS, applied as in its multi-task merging experiments. Equation numbers not
+confirmed: the method section was not reachable. It was checked against the authors' released code
 (`LiNeS_scaling`): the same λ(ℓ), layers counted from 0, and α for every tensor outside the numbered blocks.
 
 Fine-tuning changes shallow layers least usefully and most harmfully (they hold the general features the

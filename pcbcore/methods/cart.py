@@ -1,8 +1,8 @@
 """CART: Centered Arithmetic with Rank-reduced Task vectors (Choi, Kim, Lee, Hong, "Revisiting Weight Averaging
 for Model Merging", arXiv 2412.12153, 2024).
 
-The merge below is the paper's CART (its centred task vectors and their low-rank approximation); equation
-numbers are left uncited (not confirmed against the paper's text). It was checked against the authors'
+The merge below is the paper's CART (its centred task vectors and their low-rank approximation). Equation
+numbers not confirmed: the method section was not reachable. It was checked against the authors'
 released code (`StaticMergeModule._merge_weights`, method "CART"): θ_avg plus `prior` times the sum of the
 rank-⌊ρ·min(rows, cols)⌋ (at least 1) truncations of θ_i − θ_avg, which is what is computed here.
 

@@ -1,14 +1,17 @@
 """Consensus merging with TALL masks, data-free (Wang, Dimitriadis, Ortiz-Jiménez, Fleuret, Frossard,
 "Localizing Task Information for Improved Model Merging and Compression", ICML 2024, arXiv 2405.07813).
 
-The mask rule and the consensus count are the paper's TALL masks and Consensus Merging; equation numbers are
-left uncited (not confirmed against the paper's text). Both were checked against the authors' released code
+The mask rule and the consensus count are the paper's TALL masks and Consensus Merging. Equation numbers not
+confirmed: the method section was not reachable. Both were checked against the authors' released code
 (`generate_task_masks`, `construct_consensus_mask`, and `create_task_vector`'s "consensus" branch).
 
 Given a multi-task vector τ_MTL from task arithmetic (Σ_i w_i τ_i) or TIES, each task's TALL mask marks the
 entries where the task's own update outweighs what the merge moves it away by:
 
     m_i = 1{ |τ_i| > λ_m · |τ_MTL − τ_i| }                       (TALL mask, strict as in the authors' code)
+
+(secondary sources quote the paper's rule with ≥; the two differ only where |τ_i| = λ_m·|τ_MTL − τ_i|
+exactly, e.g. at τ_i = τ_MTL = 0, where the merged entry is 0 either way)
 
 and the consensus mask keeps the entries that at least k tasks mark (k = 2 drops both "catastrophic" weights,
 used by no task, and "selfish" ones, used by a single task):

@@ -122,7 +122,7 @@ def whole_tensor_draw(seed: int, model_index: int, name: str, shape: tuple[int, 
 
     def draw(probabilities: torch.Tensor) -> torch.Tensor:
         draws = uniform_draws(seed, model_index, Block(name, 0, tuple(shape)))
-        return draws.to(probabilities.device).reshape(probabilities.shape) < probabilities
+        return draws.to(probabilities.device).reshape(shape) < probabilities
 
     return draw
 

@@ -2,10 +2,12 @@
 Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025 (PMLR 267; arXiv 2502.04959).
 
 Both are the paper's Section 4, "Isotropic Merging in Common and Task-specific Subspaces" (Iso-C its merge in
-the common subspace, Iso-CTS its extension with task-specific subspaces); equation numbers are left uncited
-(not confirmed against the paper's text). The steps below were checked line by line against the authors'
-`iso_c` / `iso_cts` as released in FusionBench (`isotropic_merging`): same sum, same mean of σ over all r
-kept values, same rank split with Python's round, same order of the blocks before orthogonalising.
+the common subspace, Iso-CTS its extension with task-specific subspaces). Equation numbers for Iso-C and
+Iso-CTS not confirmed: the method section was not reachable. (The authors' repository, `fig_3a.py`, names
+the paper's Eq. 5, the subspace alignment ratio, and Eq. 6, the rank k_M from the approximation error:
+analysis quantities, which this file does not compute.) The steps below were checked line by line against
+the authors' `iso_c` / `iso_cts` as released in FusionBench (`isotropic_merging`): same sum, same mean of σ
+over all r kept values, same rank split with Python's round, same order of the blocks before orthogonalising.
 
 Task arithmetic's sum of task matrices has a spectrum dominated by a few directions, which the tasks with
 the largest updates own; the others are left behind. Both methods flatten the spectrum. Per matrix

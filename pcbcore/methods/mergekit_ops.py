@@ -25,8 +25,8 @@ process, the same masks as pcbmerge's components form, and at density 1 (nothing
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -80,13 +80,19 @@ def generalized_task_arithmetic(
     entries = [(i, theta, params) for i, (theta, params, is_base) in enumerate(zip(inputs.models, model_params, inputs.is_base)) if not is_base]
     if not entries:
         return base
-    deltas = base.new_empty((len(entries), *base.shape))
+    deltas = base.new_empty((len(entries), base.numel()))
     for k, (i, theta, params) in enumerate(entries):
         if sparsify is None:
-            torch.sub(theta, base, out=deltas[k])
+            torch.sub(theta.reshape(-1), base.reshape(-1), out=deltas[k])
         else:
-            deltas[k] = sparsify(theta - base, params, i)
-    return _mix(base, deltas, [params.weight for _, _, params in entries], normalize, lambda_, consensus)
+            deltas[k] = sparsify(theta - base, params, i).reshape(-1)
+    # The rest is elementwise, or a sum over the models of each entry: chunk by chunk, in cache.
+    flat_base, weights = base.reshape(-1), [params.weight for _, _, params in entries]
+    out = torch.empty_like(flat_base)
+    for start in range(0, flat_base.numel(), CHUNK):
+        stop = min(start + CHUNK, flat_base.numel())
+        out[start:stop] = _mix(flat_base[start:stop], deltas[:, start:stop], weights, normalize, lambda_, consensus)
+    return out.reshape(base.shape)
 
 
 def _mix(
@@ -143,7 +149,7 @@ def masked_task_arithmetic(
     entries = [(theta, params, density) for theta, params, density, is_base in zip(inputs.models, model_params, densities, inputs.is_base) if not is_base]
     if not entries:
         return base
-    masks = magnitude_masks([theta - base for theta, _, _ in entries], [density for _, _, density in entries])
+    masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries])
     weights = [params.weight for _, params, _ in entries]
     flat_base = base.reshape(-1)
     thetas = [theta.reshape(-1) for theta, _, _ in entries]
@@ -249,30 +255,30 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def magnitude_masks(deltas: list[torch.Tensor], densities: list[float]) -> list[torch.Tensor | None]:
+def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float]) -> list[torch.Tensor | None]:
     """The flat keep mask of mergekit's `magnitude` without rescale for each δ_i at its density (None:
     density 1 keeps every entry). On the CPU the sort simulations (`pcbcore.sort_order`: numpy, the GIL
-    released in each op) run in parallel threads, one per core at most; the torch ops that make their keys
-    run here first, so no two threads share torch's thread pool."""
+    released in each op) run in parallel threads, one per core at most, each started as soon as its keys
+    are made; the torch ops that make them run here, so no two threads share torch's thread pool. (`deltas`
+    may be a generator: each δ_i is dropped once its keys are made.)"""
     global _sort_pool
-    masks: list[torch.Tensor | None] = [None] * len(deltas)
-    work = []
+    parallel = len(densities) > 1 and _cores() > 1
+    if parallel and _sort_pool is None:
+        _sort_pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="pcbmerge-sort")
+    masks: list = [None] * len(densities)
     for i, (delta, density) in enumerate(zip(deltas, densities)):
         if density >= 1:
             continue
         if density <= 0 or delta.numel() == 0:
             masks[i] = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
             continue
-        work.append((i, sort_keys(delta), max(1, int(density * delta.numel()))))
-    if len(work) > 1 and _cores() > 1 and all(w.device.type == "cpu" and w.dtype == torch.float32 for _, w, _ in work):
-        if _sort_pool is None:
-            _sort_pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="pcbmerge-sort")
-        results = list(_sort_pool.map(lambda job: sort_range_mask(job[1], 0, job[2], descending=True), work))
-    else:
-        results = [sort_range_mask(w, 0, k, descending=True) for _, w, k in work]
-    for (i, _, _), mask in zip(work, results):
-        masks[i] = mask
-    return masks
+        keys, k = sort_keys(delta), max(1, int(density * delta.numel()))
+        del delta
+        if parallel and keys.device.type == "cpu" and keys.dtype == torch.float32:
+            masks[i] = _sort_pool.submit(sort_range_mask, keys, 0, k, True)
+        else:
+            masks[i] = sort_range_mask(keys, 0, k, descending=True)
+    return [mask.result() if isinstance(mask, Future) else mask for mask in masks]
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -299,8 +305,9 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     return rescaled_masked(delta, mask.reshape_as(delta), rescale)
 
 
-# Keep draws of one task vector for `bernoulli` and `della_magprune`: keep probabilities (δ's shape, any
-# float dtype) → bool mask of the entries kept, each with its probability.
+# Keep draws of one task vector for `bernoulli` and `della_magprune`: keep probabilities (δ's entries in any
+# shape, or one 0-d probability for all; any float dtype) → bool mask of the entries kept, each with its
+# probability, in δ's shape.
 KeepDraw = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -310,7 +317,9 @@ def bernoulli(delta: torch.Tensor, density: float, rescale: bool, draw: KeepDraw
     if density >= 1:
         return delta
     work = random_work_dtype(delta)
-    mask = draw(torch.full_like(delta, density, dtype=work)).to(work)
+    # One keep probability for all: a 0-d tensor (density rounded to the work dtype, as mergekit's full_like
+    # holds it) broadcast by the draw; δ·True/False is δ·1.0/0.0.
+    mask = draw(torch.tensor(density, dtype=work, device=delta.device))
     return rescaled_masked(delta.to(work), mask, rescale).to(delta.dtype)
 
 

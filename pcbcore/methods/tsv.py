@@ -3,8 +3,9 @@ Reducing Task Interference in Model Merging", CVPR 2025 (arXiv 2412.00081).
 
 What is implemented is the paper's TSV-Merge, built on its TSV-Compress (the low-rank step 1 below), checked
 step by step against the authors' released code (`compute_and_sum_svd_mem_reduction`) and FusionBench's
-`TaskSingularVectorMerging`, which agree. Equation numbers are left uncited (not confirmed against the
-paper's text); the steps are named by the paper's procedures, TSV-C and TSV-M.
+`TaskSingularVectorMerging`, which agree. Equation numbers not confirmed: the method section was not
+reachable (only the abstract and secondary summaries were), so the steps are named by the paper's
+procedures, TSV-C and TSV-M, not by equation.
 
 Per matrix (2-D tensor) of the scope, with n tasks and r = min(rows, cols):
 

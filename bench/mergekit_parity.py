@@ -227,16 +227,23 @@ def write_lora(path: Path, base: Path, dtype: torch.dtype, generator: torch.Gene
 # Mapping a corpus config onto the zoo
 
 
+def input_parts(doc: dict) -> list[dict]:
+    """The mappings that hold `models:` / `slices:`: the config itself, then each module of `modules:`."""
+    modules = doc.get("modules")
+    return [doc, *(body for body in (modules.values() if isinstance(modules, dict) else []) if isinstance(body, dict))]
+
+
 def mentioned_models(doc: dict) -> list[str]:
     """Every model reference in the config, in the order a reader meets them: base first."""
     refs = []
     if isinstance(doc.get("base_model"), str):
         refs.append(doc["base_model"])
-    for entry in doc.get("models") or []:
-        refs.append(entry["model"])
-    for piece in doc.get("slices") or []:
-        for source in piece.get("sources") or []:
-            refs.append(source["model"])
+    for part in input_parts(doc):
+        for entry in part.get("models") or []:
+            refs.append(entry["model"])
+        for piece in part.get("slices") or []:
+            for source in piece.get("sources") or []:
+                refs.append(source["model"])
     for source in (doc.get("tokenizer_source"), (doc.get("tokenizer") or {}).get("source")):
         if isinstance(source, str) and source not in ("base", "union"):
             refs.append(source)
@@ -280,14 +287,15 @@ def map_config(doc: dict, zoo: Path) -> dict:
     doc = json.loads(json.dumps(doc))  # a deep copy of plain YAML data
     if isinstance(doc.get("base_model"), str):
         doc["base_model"] = resolve(doc["base_model"])
-    for entry in doc.get("models") or []:
-        entry["model"] = resolve(entry["model"])
     ranges = []
-    for piece in doc.get("slices") or []:
-        for source in piece.get("sources") or []:
-            source["model"] = resolve(source["model"])
-            if "layer_range" in source:
-                ranges.append(source)
+    for part in input_parts(doc):
+        for entry in part.get("models") or []:
+            entry["model"] = resolve(entry["model"])
+        for piece in part.get("slices") or []:
+            for source in piece.get("sources") or []:
+                source["model"] = resolve(source["model"])
+                if "layer_range" in source:
+                    ranges.append(source)
     if isinstance(doc.get("tokenizer_source"), str) and doc["tokenizer_source"] not in ("base", "union"):
         doc["tokenizer_source"] = resolve(doc["tokenizer_source"])
     tokenizer = doc.get("tokenizer")
@@ -318,19 +326,23 @@ def fit_layer_ranges(sources: list[dict]) -> None:
 def describe_features(doc: dict) -> list[str]:
     """The config-language features a config uses, for the table and the corpus list."""
     features = []
-    if doc.get("slices"):
+    if doc.get("modules"):
+        features.append("modules")
+    if any(part.get("slices") for part in input_parts(doc)):
         features.append("slices")
 
     def parameter_values(params: Any) -> list[Any]:
         return list(params.values()) if isinstance(params, dict) else []
 
-    values = parameter_values(doc.get("parameters"))
-    for entry in doc.get("models") or []:
-        if "parameters" in entry and entry["parameters"] is None:
-            features.append("null-parameters")
-        values += parameter_values(entry.get("parameters"))
-    for piece in doc.get("slices") or []:
-        values += parameter_values(piece.get("parameters"))
+    values = []
+    for part in input_parts(doc):
+        values += parameter_values(part.get("parameters"))
+        for entry in part.get("models") or []:
+            if "parameters" in entry and entry["parameters"] is None:
+                features.append("null-parameters")
+            values += parameter_values(entry.get("parameters"))
+        for piece in part.get("slices") or []:
+            values += parameter_values(piece.get("parameters"))
     # A conditional parameter is a list of {filter?, value} entries; its values may be gradients too.
     conditions = [c for v in values if isinstance(v, list) for c in v if isinstance(c, dict)]
     plain = values + [c.get("value") for c in conditions]
@@ -339,7 +351,7 @@ def describe_features(doc: dict) -> list[str]:
     if any("filter" in c for c in conditions):
         features.append("filter")
     base = doc.get("base_model")
-    if base and any(entry.get("model") == base for entry in doc.get("models") or []):
+    if base and any(entry.get("model") == base for part in input_parts(doc) for entry in part.get("models") or []):
         features.append("base-in-models")
     if any("+" in ref for ref in mentioned_models(doc)):
         features.append("lora")

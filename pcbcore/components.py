@@ -149,7 +149,7 @@ def compute_components(
                 "parameters": inputs.numel,
             }
             storage = None
-            if config.method.scales is None and not (config.zero_base or config.raw.slices):
+            if config.method.scales is None and not (config.zero_base or config.sliced):
                 storage = _store(config, inputs, dev, tmp, n, budget * inputs.numel, progress)
             if storage is None or _reads_base_changed(config):
                 (tmp / RECOMPUTE_CONFIG).write_bytes(pickle.dumps(config))

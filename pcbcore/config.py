@@ -15,7 +15,9 @@ defaults of each key:
     tokenizer_source: union    # base | union | a model: the output vocabulary (`pcbcore.tokenizer`)
     chat_template: auto        # auto | chatml | llama3 | alpaca | mistral | exaone | a Jinja template
 
-and mergekit's other forms: `slices:` of `sources:` with `layer_range` (`pcbcore.slices`), the base listed
+and mergekit's other forms: `slices:` of `sources:` with `layer_range` (`pcbcore.slices`), `modules:` (a
+module's own `models:` or `slices:` and `parameters`; pcbmerge merges models of one module, which mergekit
+names `default`), the base listed
 among `models` (with or without parameters), list-valued gradients and `filter:` conditions
 (`pcbcore.gradients`, resolved per tensor), a `parameters:` that YAML reads as null, the `tokenizer:`
 block (`source`, `tokens`, `pad_to_multiple_of`), and `model+lora` references (`pcbcore.lora`).
@@ -60,8 +62,24 @@ DTYPE_NAMES = {
 ROUNDED_TASK_VECTOR_METHODS = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
 
 # mergekit keys that pcbmerge does not implement: refused with a sentence rather than "unknown key".
-UNSUPPORTED_KEYS = {
-    "modules": "per-module merges ('modules') are not supported; use 'models' or 'slices'",
+UNSUPPORTED_KEYS: dict[str, str] = {}
+
+# mergekit 0.1.5's name for the one module of a single-module architecture (Llama, Mistral, Qwen2, GPT-2, BERT,
+# and any it infers with one layer stack): its tensors are all of the model's, unprefixed.
+DEFAULT_MODULE = "default"
+
+# mergekit 0.1.5's architectures of several modules (its `kind: modular` definitions) and their module names.
+# pcbmerge plans one layer stack per model, so it merges none of them per module (`modules:` or `slices:`).
+MULTI_MODULE_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_tower"),
+    "Llama4ForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_model"),
+    "Mistral3ForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_tower"),
+    "Qwen2VLForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_tower"),
+    "Qwen2_5_VLForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_tower"),
+    "Qwen3VLForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_tower"),
+    "Qwen3VLMoeForConditionalGeneration": ("text_decoder", "multi_modal_projector", "vision_tower"),
+    "T5ForConditionalGeneration": ("decoder", "encoder", "shared"),
+    "WhisperForConditionalGeneration": ("decoder", "encoder"),
 }
 
 
@@ -166,6 +184,19 @@ class OutputSlice(BaseModel):
     null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
 
 
+class OutputModule(BaseModel):
+    """One module of the output (mergekit's `OutputModuleDefinition`): its own `models:` or `slices:`, and
+    `parameters` between the slices' and the top-level ones. `base_model`, `merge_method` and the dtypes
+    are the file's, as in mergekit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    models: list[ModelEntry] | None = Field(default=None, description="the module's models, as the top-level 'models'")
+    slices: list[OutputSlice] | None = Field(default=None, description="the module's layer slices, as the top-level 'slices'")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="parameters of this module (above the top-level ones, below a slice's)")
+
+    null_parameters = field_validator("parameters", mode="before")(_none_is_empty)
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """An input of a slice, normalised: its layer range (None: all of the model's layers), its parameter
@@ -198,6 +229,9 @@ class RawMergeConfig(BaseModel):
     )
     models: list[ModelEntry] = Field(default_factory=list, description="the fine-tuned checkpoints to merge, each with optional per-model parameters")
     slices: list[OutputSlice] | None = Field(default=None, description="mergekit's layer slices: output layers taken or merged from layer ranges of the models")
+    modules: dict[str, OutputModule] | None = Field(
+        default=None, description="mergekit's per-module merge: {default: {models | slices, parameters}} (the one module of a decoder-only model)"
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {ratio: 0.1} for pcb, {density: 0.5} for ties")
     dtype: str | None = Field(
         default=None, description="mergekit's working dtype: inputs are converted to it and merged in it (default: the inputs' own dtype)"
@@ -250,10 +284,24 @@ class MergeConfig(BaseModel):
     vocabulary: VocabularySpec | None = None
     # The chat template to write: 'auto' (chosen from the inputs when the merge is written) or its text.
     chat_template: str | None = None
+    # The module a `modules:` file merges (None: top-level `models:` / `slices:`), and its `parameters`,
+    # asked after a slice's and before the top-level ones.
+    module: str | None = None
+    module_parameters: dict = Field(default_factory=dict)
 
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.method_name]
+
+    @property
+    def sliced(self) -> bool:
+        """Whether the file gives `slices:` (top-level or its module's), planned slice by slice."""
+        return bool(self.raw.slices) or (self.module is not None and bool(self.raw.modules[self.module].slices))
+
+    @property
+    def models_key(self) -> str:
+        """The key of the file's `models:` list, as written (`models` or `modules.default.models`)."""
+        return "models" if self.module is None else f"modules.{self.module}.models"
 
     @property
     def components_refusal(self) -> str | None:
@@ -279,8 +327,9 @@ class MergeConfig(BaseModel):
     def tensor_params(self, slice_index: int, tensor_name: str, t: float, inputs: list[tuple[int | None, str, str]]) -> tuple[FrozenModel, list[ModelParams]]:
         """The method's parameters for one output tensor, resolved as mergekit resolves them: each key from
         the first source that gives a value (this model's entry in the slice, the slice's `parameters`, the
-        top-level `parameters`), gradients read at `t`, filters matched against the output tensor's name
-        for shared keys and against each input's tensor name for per-model keys, then the defaults.
+        module's, the top-level `parameters`), gradients read at `t`, filters matched against the output
+        tensor's name for shared keys and against each input's tensor name for per-model keys, then the
+        defaults.
 
         `inputs`: (index into `models` or None for the base listed as a model, model reference, the input's
         tensor name) per input model of the tensor.
@@ -290,7 +339,7 @@ class MergeConfig(BaseModel):
             if all(model in by_model for _, model, _ in inputs):
                 return self.params, [by_model[model] for _, model, _ in inputs]
         spec, method = self.slices[slice_index], self.method
-        shared = [spec.parameters, self.raw.parameters]
+        shared = [spec.parameters, self.module_parameters, self.raw.parameters]
         where = f"tensor '{tensor_name}'"
         params = _resolved(self.source, where, method.params, _resolve_keys(_keys_of(method.params), shared, tensor_name, t))
         model_params = []
@@ -391,7 +440,7 @@ def _validate(model: type[BaseModel], data: dict, source: str, where: str, allow
         if strip is not None:
             err = {**err, "loc": tuple(p for p in err.get("loc", ()) if p != strip)}
         sentence = error_sentence(source, where, err)
-        if err.get("type") == "extra_forbidden" and allowed is not None:
+        if err.get("type") == "extra_forbidden" and allowed is not None and len(err.get("loc", ())) == 1:  # `allowed`: the keys directly under `where`
             sentence += f"; allowed keys are {sorted(allowed)}"
         raise MergeInputError(sentence) from None
 
@@ -461,6 +510,7 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     for key, why in UNSUPPORTED_KEYS.items():
         if key in data:
             raise MergeInputError(f"{source}: {why}")
+    module = _module_of(data, source)
     raw = _validate(RawMergeConfig, data, source, "", allowed=_keys_of(RawMergeConfig))
     if raw.merge_method not in METHODS:
         raise MergeInputError(f"{source}: unknown merge method '{raw.merge_method}'; choose one of {sorted(METHODS)}")
@@ -470,12 +520,20 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         raise MergeInputError(f"{source}: key 'slices' must list at least one slice of 'sources' with 'layer_range' (or leave it out and list 'models')")
     if raw.slices and raw.models:
         raise MergeInputError(f"{source}: keys 'models' and 'slices' are exclusive; give one of them (as in mergekit)")
+    # A `modules:` file's one module holds what the top level holds otherwise (mergekit's planner turns the
+    # top-level `models:` / `slices:` into that module); its keys are written out under `modules.NAME.`.
+    if module is None:
+        slices_in, models_in, module_parameters, prefix = raw.slices, raw.models, {}, ""
+    else:
+        body = raw.modules[module]
+        slices_in, models_in, module_parameters, prefix = body.slices, body.models or [], body.parameters, f"modules.{module}."
 
     varies = _check_settings(raw.parameters, "parameters", source, raw.merge_method, global_keys, model_keys, per_model=False)
-    if raw.slices:
+    varies |= _check_settings(module_parameters, f"{prefix}parameters", source, raw.merge_method, global_keys, model_keys, per_model=False)
+    if slices_in:
         specs = []
-        for k, out_slice in enumerate(raw.slices):
-            where = f"slices[{k}]"
+        for k, out_slice in enumerate(slices_in):
+            where = f"{prefix}slices[{k}]"
             varies |= _check_settings(out_slice.parameters, f"{where}.parameters", source, raw.merge_method, global_keys, model_keys, per_model=False)
             sources = []
             for j, src in enumerate(out_slice.sources):
@@ -496,11 +554,12 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
             specs.append(SliceSpec(tuple(sources), out_slice.parameters, where, slice_base))
     else:
         sources = []
-        for k, entry in enumerate(raw.models):
-            varies |= _check_settings(entry.parameters, f"models[{k}].parameters", source, raw.merge_method, global_keys, model_keys, per_model=True)
-            sources.append(SourceSpec(_model_ref(entry.model, f"models[{k}].model", source), None, entry.parameters, f"models[{k}]"))
+        for k, entry in enumerate(models_in):
+            at = f"{prefix}models[{k}]"
+            varies |= _check_settings(entry.parameters, f"{at}.parameters", source, raw.merge_method, global_keys, model_keys, per_model=True)
+            sources.append(SourceSpec(_model_ref(entry.model, f"{at}.model", source), None, entry.parameters, at))
         specs = [SliceSpec(tuple(sources), {}, "")]
-    if varies and raw.parameters.get("scope") == "model":
+    if varies and next((p["scope"] for p in (module_parameters, raw.parameters) if "scope" in p), None) == "model":
         raise MergeInputError(f"{source}: gradients and 'filter' parameters differ per tensor, which needs 'parameters.scope: tensor' (not model)")
 
     base = raw.base_model if raw.base_model is None else _model_ref(raw.base_model, "base_model", source)
@@ -522,11 +581,13 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     else:
         models = [m for m in named if m != base]
     if not models:
-        raise MergeInputError(f"{source}: key '{'slices' if raw.slices else 'models'}' must list at least one fine-tuned model besides the base '{base}'")
+        raise MergeInputError(
+            f"{source}: key '{prefix}{'slices' if slices_in else 'models'}' must list at least one fine-tuned model besides the base '{base}'"
+        )
     if method.max_models is not None:
         for spec in specs:
             if len(spec.sources) > method.max_models:
-                at = f"{spec.where}.sources" if spec.where else "models"
+                at = f"{spec.where}.sources" if spec.where else f"{prefix}models"
                 raise MergeInputError(
                     f"{source}: key '{at}': merge method '{raw.merge_method}' takes at most {method.max_models} model per slice (got {len(spec.sources)})"
                 )
@@ -535,11 +596,13 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     # (With filters, every filter taken as matching: the representative values; each tensor's own are
     # resolved and checked when the inputs are opened.)
     representative = None if varies else ""
-    params = _resolved(source, "the model", method.params, _resolve_keys(global_keys, [specs[0].parameters, raw.parameters], representative, 0.0))
+    params = _resolved(
+        source, "the model", method.params, _resolve_keys(global_keys, [specs[0].parameters, module_parameters, raw.parameters], representative, 0.0)
+    )
     model_params = []
     for model in models:
-        settings = [s.parameters for spec in specs[:1] for s in spec.sources if s.model == model] + [specs[0].parameters, raw.parameters]
-        entry_where = next((s.where for spec in specs for s in spec.sources if s.model == model), "models")
+        settings = [s.parameters for spec in specs[:1] for s in spec.sources if s.model == model] + [specs[0].parameters, module_parameters, raw.parameters]
+        entry_where = next((s.where for spec in specs for s in spec.sources if s.model == model), f"{prefix}models")
         values = _resolve_keys(model_keys, settings, representative, 0.0)
         try:
             model_params.append(method.model_params.model_validate(values))
@@ -579,10 +642,49 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
         per_tensor=varies,
         vocabulary=vocabulary,
         chat_template=_chat_template(raw.chat_template, source),
+        module=module,
+        module_parameters=module_parameters,
     )
     if config.components_refusal is not None and not (config.exact and unit_lambdas(model_params)):
         raise MergeInputError(f"{source}: {config.components_refusal}")
     return config
+
+
+def _module_of(data: dict, source: str) -> str | None:
+    """The module a `modules:` file merges (None: the file has no `modules`), checked as written: exclusive
+    with the top-level `models` / `slices`, one module that pcbmerge can merge, and that module's own
+    `models` or `slices` (exactly one of them, as mergekit requires)."""
+    if "modules" not in data:
+        return None
+    for key in ("models", "slices"):
+        if data.get(key):
+            raise MergeInputError(f"{source}: keys 'modules' and '{key}' are exclusive; give one of them (as in mergekit)")
+    modules = data["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise MergeInputError(
+            f"{source}: key 'modules' must map the module '{DEFAULT_MODULE}' to its 'models' or 'slices' (or leave it out and list 'models' or 'slices')"
+        )
+    for name, body in modules.items():
+        key = f"modules.{name}"
+        if name != DEFAULT_MODULE:
+            owners = sorted(arch for arch, names in MULTI_MODULE_ARCHITECTURES.items() if name in names)
+            if owners:
+                raise MergeInputError(
+                    f"{source}: key '{key}' names a module of mergekit's multi-module architectures ({', '.join(owners)}), which pcbmerge cannot merge "
+                    f"per module; the one module pcbmerge merges is '{DEFAULT_MODULE}' (all of a Llama, Mistral, Qwen2 or other single-module model)"
+                )
+            raise MergeInputError(
+                f"{source}: key '{key}' names an unknown module; the one module pcbmerge merges is '{DEFAULT_MODULE}' "
+                "(all of a Llama, Mistral, Qwen2 or other single-module model, as mergekit names it)"
+            )
+        if not isinstance(body, dict):
+            raise MergeInputError(f"{source}: key '{key}' must be a mapping with 'models' or 'slices' (and optional 'parameters')")
+        module = _validate(OutputModule, body, source, key, allowed=_keys_of(OutputModule))
+        if bool(module.models) == bool(module.slices):
+            if module.models:
+                raise MergeInputError(f"{source}: keys '{key}.models' and '{key}.slices' are exclusive; give one of them (as in mergekit)")
+            raise MergeInputError(f"{source}: key '{key}' must list its 'models' or its 'slices' (as in mergekit)")
+    return DEFAULT_MODULE
 
 
 def _vocabulary(raw: RawMergeConfig, source: str, base: str, named: list[str]) -> VocabularySpec | None:

@@ -112,7 +112,7 @@ def plan_inputs(base: TensorReader, models: list[TensorReader], same_as_base: fr
 def open_inputs(config: MergeConfig) -> MergeInputs:
     """Open the base and every model and check, before any heavy work, that their tensors line up; then
     resolve every tensor's parameters (gradients, filters), so a bad value is refused before any output."""
-    from pcbcore.slices import plan_slices, resolve_job_params
+    from pcbcore.slices import plan_slices, refuse_multi_module, resolve_job_params
     from pcbcore.tokenizer import plan_vocabulary
 
     allow = config.raw.allow_pickle
@@ -128,11 +128,17 @@ def open_inputs(config: MergeConfig) -> MergeInputs:
                 if split_reference(ref)[1] is None:
                     raise
                 raise MergeInputError(f"{config.source}: key '{_key_of(config, ref)}': {exc}") from None  # a LoRA: say which entry
+            if config.module is not None or config.sliced:
+                try:
+                    refuse_multi_module(config, ref, reader)
+                except BaseException:
+                    reader.close()
+                    raise
             opened[ref] = reader if vocabulary is None else vocabulary.wrap(ref, reader)
         return opened[ref]
 
     try:
-        if config.zero_base or config.raw.slices:
+        if config.zero_base or config.sliced:
             inputs = plan_slices(config, allow, open_reader)
         else:
             base = open_reader(config.base_model)
@@ -151,7 +157,7 @@ def _key_of(config: MergeConfig, ref: str) -> str:
     """The key of the file that names `ref` first (`base_model`, `models[2].model`, `slices[0].sources[1].model`)."""
     if ref == config.base_model and config.raw.base_model is not None:
         return "base_model"
-    return next((f"{s.where}.model" for spec in config.slices for s in spec.sources if s.model == ref), "models")
+    return next((f"{s.where}.model" for spec in config.slices for s in spec.sources if s.model == ref), config.models_key)
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -14,13 +14,16 @@ list-valued parameters are read (`pcbcore.gradients`).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 from pcbcore.checkpoint import CheckpointReader, TensorInfo
-from pcbcore.config import MergeConfig, SliceSpec
+from pcbcore.config import MULTI_MODULE_ARCHITECTURES, MergeConfig, SliceSpec
 from pcbcore.errors import MergeInputError
 from pcbcore.gradients import layer_of
 from pcbcore.inputs import MergeInputs, TensorJob, TensorReader
+from pcbcore.lora import split_reference
 
 # Tensors outside the layers that come before them (taken from the first slice's sources); every other one
 # comes after them (the last slice's).
@@ -47,6 +50,29 @@ class LayerIndex:
     @property
     def count(self) -> int:
         return max(self.layers) + 1 if self.layers else 0
+
+
+def refuse_multi_module(config: MergeConfig, ref: str, reader: TensorReader) -> None:
+    """Refuse, in one sentence, a model of several modules (one of mergekit's multi-module architectures by its
+    config.json, or tensors in more than one layer stack) in a `modules:` or `slices:` merge: pcbmerge plans
+    a single layer stack per model, which is all of a single-module model."""
+    architecture = None
+    config_json = Path(split_reference(ref)[0]) / "config.json"
+    if config_json.is_file():
+        try:
+            architectures = json.loads(config_json.read_text()).get("architectures") or []
+        except (ValueError, AttributeError):
+            architectures = []
+        architecture = next((a for a in architectures if a in MULTI_MODULE_ARCHITECTURES), None)
+    stacks = sorted({found[0] for found in map(layer_of, reader.tensors) if found is not None})
+    if architecture is None and len(stacks) < 2:
+        return
+    if architecture is not None:
+        what = f"a {architecture}, whose modules mergekit names {', '.join(MULTI_MODULE_ARCHITECTURES[architecture])}"
+    else:
+        what = f"a model of {len(stacks)} layer stacks ({', '.join(prefix + 'N' for prefix in stacks)}), several modules to mergekit"
+    key = f"modules.{config.module}" if config.module is not None else "slices"
+    raise MergeInputError(f"{config.source}: key '{key}': model '{reader.label}' is {what}, and pcbmerge merges only single-module models by slices or modules")
 
 
 def gradient_position(k: int, n_layers: int) -> float:
@@ -201,6 +227,6 @@ def _slice_inputs(config: MergeConfig, spec: SliceSpec, base_ref: str | None, ta
         base = (index.reader, None, index)
         starts[id(index)] = 0
     if not models:
-        at = f"{spec.where}.sources" if spec.where else "models"
+        at = f"{spec.where}.sources" if spec.where else config.models_key
         raise MergeInputError(f"{config.source}: key '{at}' must name at least one model besides the base")
     return base, list(models.values()), (lambda index: starts[id(index)], length or 0)

@@ -17,8 +17,8 @@ PCBMERGE_VERSION = importlib.metadata.version("pcbmerge")
 def merge_recipe(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], with_lambdas: bool = True) -> dict[str, Any]:
     """The merge as `MergeConfig.describe()` says, with every reference replaced by its content fingerprint
     (a `model+lora` reference by both: `MODEL+ADAPTER`), plus what else shapes the output when the file
-    sets it: the output vocabulary, the chat template, the working dtypes, the slices. Keys a file leaves
-    out add nothing, so the recipes of merges without them stay as they were."""
+    sets it: the output vocabulary, the chat template, the working dtypes, the slices, the module. Keys a
+    file leaves out add nothing, so the recipes of merges without them stay as they were."""
     merge = config.merge_config().with_paths(lambda ref: inputs[ref].fingerprint)
     recipe = merge.describe()
     recipe["tokenizer"] = merge.tokenizer_source
@@ -31,8 +31,10 @@ def merge_recipe(config: PipelineConfig, inputs: dict[str, FetchedCheckpoint], w
     for key in ("dtype", "compute_dtype"):
         if getattr(merge.raw, key) is not None:
             recipe[key] = getattr(merge.raw, key)
-    if merge.raw.slices:
+    if merge.sliced:
         recipe["slices"] = [[[[s.model, s.layer_range, s.parameters] for s in spec.sources], spec.parameters] for spec in merge.slices]
+    if merge.module is not None:
+        recipe["module"] = [merge.module, merge.module_parameters]
     recipe["pcbmerge"] = PCBMERGE_VERSION
     if not with_lambdas:
         for model in recipe["models"]:

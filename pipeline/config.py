@@ -203,15 +203,24 @@ def absolute_paths(data: dict[str, Any], root: Path | None = None) -> dict[str, 
             del data["tokenizer_source"]
     if isinstance(data.get("tokenizer"), dict):
         data["tokenizer"] = _anchored_tokenizer_block(data["tokenizer"], anchor)
-    if isinstance(data.get("models"), list):
-        data["models"] = [{**m, "model": anchor(m.get("model"))} if isinstance(m, dict) else m for m in data["models"]]
-    if isinstance(data.get("slices"), list):
-        data["slices"] = [
-            {**s, "sources": [{**src, "model": anchor(src.get("model"))} if isinstance(src, dict) else src for src in s["sources"]]}
-            if isinstance(s, dict) and isinstance(s.get("sources"), list)
-            else s
-            for s in data["slices"]
-        ]
+
+    def anchor_inputs(part: dict[str, Any]) -> dict[str, Any]:
+        # `models` and `slices`, at the top level or in a module of `modules`
+        part = dict(part)
+        if isinstance(part.get("models"), list):
+            part["models"] = [{**m, "model": anchor(m.get("model"))} if isinstance(m, dict) else m for m in part["models"]]
+        if isinstance(part.get("slices"), list):
+            part["slices"] = [
+                {**s, "sources": [{**src, "model": anchor(src.get("model"))} if isinstance(src, dict) else src for src in s["sources"]]}
+                if isinstance(s, dict) and isinstance(s.get("sources"), list)
+                else s
+                for s in part["slices"]
+            ]
+        return part
+
+    data = anchor_inputs(data)
+    if isinstance(data.get("modules"), dict):
+        data["modules"] = {name: anchor_inputs(body) if isinstance(body, dict) else body for name, body in data["modules"].items()}
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("include_path"), str):
         data["evaluation"] = {**evaluation, "include_path": anchor(evaluation["include_path"])}

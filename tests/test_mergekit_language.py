@@ -247,3 +247,128 @@ def test_a_slice_can_name_its_own_base(tiny_zoo, tmp_path):
     wrong = {**data, "slices": [data["slices"][0], {**data["slices"][1], "base_model": str(models[2])}]}
     with pytest.raises(MergeInputError, match=r"key 'slices\[1\].base_model': .* must be one of the slice's sources"):
         parse_merge_config(wrong)
+
+
+def read_all(folder):
+    reader = CheckpointReader(folder)
+    return {name: reader.read(name) for name in reader.tensors}, json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("form", ["slices", "models"])
+def test_a_modules_file_merges_exactly_as_the_same_top_level_slices_or_models(tiny_zoo, tmp_path, form):
+    """mergekit's planner turns top-level `models:` / `slices:` into the one module of a decoder-only model,
+    `default`; written out as `modules: {default: ...}` the file gives the same model, bit for bit."""
+    base, models = tiny_zoo
+    if form == "slices":
+        src = lambda model, start, **params: {"model": str(model), "layer_range": [start, start + 1], **params}  # noqa: E731
+        top = {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "slices": [
+                {"sources": [src(base, 0), src(models[0], 0, parameters={"weight": 0.7}), src(models[1], 1)], "parameters": {"density": [0.4, 0.9]}},
+                {"sources": [src(base, 1), src(models[1], 0), src(models[2], 1, parameters={"density": 0.3})]},
+                {"sources": [src(base, 1), src(models[0], 1), src(models[2], 0)]},
+            ],
+            "parameters": {"density": 0.6, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]},
+            "dtype": "bfloat16",
+        }
+    else:
+        top = {
+            "merge_method": "dare_ties",
+            "base_model": str(base),
+            "models": [
+                {"model": str(models[0]), "parameters": {"weight": 0.6, "density": 0.5}},
+                {"model": str(models[1]), "parameters": {"density": [0.3, 0.8]}},
+            ],
+            "parameters": {"weight": 1.0, "normalize": True},
+        }
+    modular = {key: value for key, value in top.items() if key != form} | {"modules": {"default": {form: top[form]}}}
+    path = tmp_path / "modules.yml"
+    path.write_text(yaml.safe_dump(modular))
+    assert main(["merge", str(path), str(tmp_path / "modules"), "--device", "cpu"]) == 0
+    merge_to_folder(parse_merge_config(top, source="top.yml"), tmp_path / "top", device="cpu")
+    (got, got_config), (want, want_config) = read_all(tmp_path / "modules"), read_all(tmp_path / "top")
+    assert got.keys() == want.keys()
+    assert all(got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]) for name in want)
+    assert got_config == want_config
+    assert got_config["num_hidden_layers"] == (3 if form == "slices" else 2)
+
+
+def test_a_modules_parameters_sit_between_a_slices_and_the_top_levels(tiny_zoo, tmp_path):
+    """mergekit asks a source's parameters, then its slice's, then its module's, then the top-level ones:
+    here down_proj takes the slice's weight 1, the rest of the MLP the module's 0 (the base), and the
+    attention (no module filter matches) falls through to the top-level weight 1."""
+    base, models = tiny_zoo
+    sources = [{"model": str(base), "layer_range": [0, 2]}, {"model": str(models[0]), "layer_range": [0, 2]}]
+    out = run(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "modules": {
+                "default": {
+                    "slices": [{"sources": sources, "parameters": {"weight": [{"filter": "down_proj", "value": 1.0}]}}],
+                    "parameters": {"weight": [{"filter": "mlp", "value": 0.0}]},
+                }
+            },
+            "parameters": {"weight": 1.0},
+        },
+    )
+    b, m = CheckpointReader(base), CheckpointReader(models[0])
+    for layer in (0, 1):
+        name = f"model.layers.{layer}"
+        assert torch.equal(out.read(f"{name}.mlp.down_proj.weight"), m.read(f"{name}.mlp.down_proj.weight"))
+        assert torch.equal(out.read(f"{name}.mlp.up_proj.weight"), b.read(f"{name}.mlp.up_proj.weight"))
+        assert torch.equal(out.read(f"{name}.self_attn.q_proj.weight"), m.read(f"{name}.self_attn.q_proj.weight"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: {**d, "modules": {"vision_tower": d["modules"]["default"]}}, r"key 'modules\.vision_tower' names a module of mergekit's multi-module"),
+        (lambda d: {**d, "modules": {"decoderr": d["modules"]["default"]}}, r"key 'modules\.decoderr' names an unknown module; the one module"),
+        (lambda d: {**d, "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]}, r"keys 'modules' and 'slices' are exclusive"),
+        (lambda d: {**d, "models": [{"model": "a"}]}, r"keys 'modules' and 'models' are exclusive"),
+        (lambda d: {**d, "modules": {}}, r"key 'modules' must map the module 'default' to its 'models' or 'slices'"),
+        (
+            lambda d: {**d, "modules": {"default": {**d["modules"]["default"], "base_model": "b"}}},
+            r"unknown key 'modules\.default\.base_model'; allowed keys are \['models', 'parameters', 'slices'\]",
+        ),
+        (
+            lambda d: {**d, "modules": {"default": {**d["modules"]["default"], "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]}}},
+            r"keys 'modules\.default\.models' and 'modules\.default\.slices' are exclusive",
+        ),
+        (
+            lambda d: {**d, "modules": {"default": {"models": [{"model": "a", "parameters": {"density": 2}}]}}},
+            r"key 'modules\.default\.models\[0\]\.parameters\.density'",
+        ),
+    ],
+)
+def test_bad_modules_are_refused_in_one_sentence_naming_the_key(change, message):
+    data = {"merge_method": "ties", "base_model": "b", "modules": {"default": {"models": [{"model": "a"}]}}}
+    parse_merge_config(data, source="cfg.yml")
+    with pytest.raises(MergeInputError, match=f"^cfg.yml: {message}") as refused:
+        parse_merge_config(change(data), source="cfg.yml")
+    assert "\n" not in str(refused.value) and str(refused.value).count(". ") == 0
+
+
+@pytest.mark.parametrize("architecture", ["Mistral3ForConditionalGeneration", None])
+def test_a_multi_module_model_is_refused_per_module_in_one_sentence(tmp_path, architecture):
+    """A vision-language model has several modules (mergekit's text_decoder, vision_tower, …), which
+    pcbmerge does not merge per module: known by its config.json, or by its tensors in two layer stacks."""
+    from safetensors.torch import save_file
+
+    folders = []
+    for name in ("base", "ft"):
+        folder = tmp_path / name
+        folder.mkdir()
+        tensors = {f"{stack}.layers.{i}.w": torch.randn(2, 2) for stack in ("language_model.model", "vision_tower.transformer") for i in range(2)}
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"architectures": [architecture or "SomeForConditionalGeneration"]}))
+        folders.append(folder)
+    sources = [{"model": str(f), "layer_range": [0, 2]} for f in folders]
+    data = {"merge_method": "task_arithmetic", "base_model": str(folders[0]), "modules": {"default": {"slices": [{"sources": sources}]}}}
+    what = "a Mistral3ForConditionalGeneration, whose modules mergekit names text_decoder" if architecture else r"a model of 2 layer stacks \(language_model"
+    with pytest.raises(MergeInputError, match=rf"^cfg.yml: key 'modules\.default': model '.*base' is {what}.*merges only single-module models"):
+        merge_to_folder(parse_merge_config(data, source="cfg.yml"), tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -159,7 +159,8 @@ def compute_components(
             if inputs.vocabulary is not None or config.chat_template is not None:
                 manifest["side_files"] = SIDE_FILES
                 manifest["vocab_rows"] = inputs.vocabulary.rows if inputs.vocabulary is not None else None
-                _write_side_files(config, inputs, tmp / SIDE_FILES)
+                (tmp / SIDE_FILES).mkdir()
+                write_side_files(config, inputs, tmp / SIDE_FILES)  # what `merge_to_folder` writes besides the weights
             (tmp / COMPONENTS_MANIFEST).write_text(json.dumps(manifest) + "\n")
     finally:
         inputs.close()
@@ -176,12 +177,6 @@ def _reads_base_changed(config: MergeConfig) -> bool:
     """Whether the merge reads θ_pre otherwise than as its folder stores it: a LoRA applied, or permuted
     into the output vocabulary."""
     return config.vocabulary is not None or split_reference(config.base_model)[1] is not None
-
-
-def _write_side_files(config: MergeConfig, inputs, folder: Path) -> None:
-    """What `merge_to_folder` writes besides the weights (`pcbcore.executor.write_side_files`), in a new folder."""
-    folder.mkdir()
-    write_side_files(config, inputs, folder)
 
 
 def _store(config: MergeConfig, inputs, dev: torch.device, tmp: Path, n: int, budget_bytes: float, progress: Progress | None) -> dict | None:

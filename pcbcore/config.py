@@ -61,9 +61,6 @@ DTYPE_NAMES = {
 # mergekit's methods built on `GeneralizedTaskArithmeticMerge`: they subtract θ_i − θ_pre in the working dtype.
 ROUNDED_TASK_VECTOR_METHODS = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
 
-# mergekit keys that pcbmerge does not implement: refused with a sentence rather than "unknown key".
-UNSUPPORTED_KEYS: dict[str, str] = {}
-
 # mergekit 0.1.5's name for the one module of a single-module architecture (Llama, Mistral, Qwen2, GPT-2, BERT,
 # and any it infers with one layer stack): its tensors are all of the model's, unprefixed.
 DEFAULT_MODULE = "default"
@@ -507,9 +504,6 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
     file writes it (an index into `models` counts the base when the file lists it there)."""
     if not isinstance(data, dict):
         raise MergeInputError(f"{source}: a merge config must be a YAML mapping with 'merge_method', 'base_model' and 'models'")
-    for key, why in UNSUPPORTED_KEYS.items():
-        if key in data:
-            raise MergeInputError(f"{source}: {why}")
     module = _module_of(data, source)
     raw = _validate(RawMergeConfig, data, source, "", allowed=_keys_of(RawMergeConfig))
     if raw.merge_method not in METHODS:

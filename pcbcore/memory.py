@@ -9,8 +9,8 @@ of system time out of 11 s; TIES 10M faults and 27 s out of 35 s. Two remedies, 
   trim threshold, so temporaries up to 32 MB are reused from the heap. The engine calls it before merging.
 - `restart_with_malloc_settings(args)`: glibc takes higher thresholds from the environment at start-up
   only, so the `pcbmerge` command re-executes itself once (same pid) with MALLOC_MMAP_THRESHOLD_ at 1 GB
-  (and one malloc arena for all threads) for the commands that merge; the variables are then dropped from `os.environ`, so processes it starts
-  (servers, workers) keep glibc's defaults. Measured at 477M: linear 10.7 → 6.2 s, TIES 35.6 → 21.1 s.
+  (and one malloc arena for all threads) for the commands that merge; the variables are then dropped from
+  `os.environ`, so processes it starts (servers, workers) keep glibc's defaults. Measured at 477M: linear 10.7 → 6.2 s, TIES 35.6 → 21.1 s.
   `PCBMERGE_MALLOC_TUNING=0` turns it off. Elsewhere than Linux with glibc both do nothing.
 - `bound_resident_memory()`: between tensors, malloc_trim once the process holds more than 2 GiB, as
   freed temporaries of many sizes fragment the heap over hundreds of tensors.

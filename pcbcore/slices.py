@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 from pcbcore.checkpoint import CheckpointReader, TensorInfo
 from pcbcore.config import MULTI_MODULE_ARCHITECTURES, MergeConfig, SliceSpec
 from pcbcore.errors import MergeInputError
 from pcbcore.gradients import layer_of
 from pcbcore.inputs import MergeInputs, TensorJob, TensorReader
-from pcbcore.lora import split_reference
+from pcbcore.tokenizer import model_folder
 
 # Tensors outside the layers that come before them (taken from the first slice's sources); every other one
 # comes after them (the last slice's).
@@ -57,7 +56,7 @@ def refuse_multi_module(config: MergeConfig, ref: str, reader: TensorReader) -> 
     config.json, or tensors in more than one layer stack) in a `modules:` or `slices:` merge: pcbmerge plans
     a single layer stack per model, which is all of a single-module model."""
     architecture = None
-    config_json = Path(split_reference(ref)[0]) / "config.json"
+    config_json = model_folder(ref) / "config.json"
     if config_json.is_file():
         try:
             architectures = json.loads(config_json.read_text()).get("architectures") or []

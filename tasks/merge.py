@@ -14,10 +14,14 @@ from pipeline.outputs import MergedCheckpoint, adapted_folder, finished_merge, o
 from pipeline.references import FetchedCheckpoint
 
 
+def _while_finished(prefix: str, key: str, folder) -> str | None:
+    """A task's cache key for a written folder: its recipe `key`, and only while `folder` still holds that
+    finished merge (else: write it again)."""
+    return f"{prefix}-{key}-{digest(str(folder))[:16]}" if finished_merge(folder, key) else None
+
+
 def _merge_cache_key(context, parameters) -> str | None:
-    """Keyed on the recipe, and only while the folder it names is still there (else: merge again)."""
-    key, folder = output_folder(parameters["config"], parameters["inputs"], parameters["cache_dir"])
-    return f"merge-{key}-{digest(str(folder))[:16]}" if finished_merge(folder, key) else None
+    return _while_finished("merge", *output_folder(parameters["config"], parameters["inputs"], parameters["cache_dir"]))
 
 
 @task(cache_key_fn=_merge_cache_key, persist_result=True, task_run_name="merge {config.merge_method}")
@@ -43,8 +47,7 @@ def merge_layer_groups(
 
 
 def _adapted_cache_key(context, parameters) -> str | None:
-    key, folder = adapted_folder(parameters["ref"], parameters["inputs"], parameters["cache_dir"])
-    return f"adapted-{key}-{digest(str(folder))[:16]}" if finished_merge(folder, key) else None
+    return _while_finished("adapted", *adapted_folder(parameters["ref"], parameters["inputs"], parameters["cache_dir"]))
 
 
 @task(cache_key_fn=_adapted_cache_key, persist_result=True, task_run_name="apply lora {ref}")

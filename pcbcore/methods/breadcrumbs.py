@@ -23,8 +23,8 @@ import torch
 from pydantic import Field
 
 from pcbcore.kernels import sum_rows
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, shared_lambda, weights_of
-from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude_outliers
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, weights_of
+from pcbcore.methods.mergekit_ops import exact_task_arithmetic, magnitude_outliers
 from pcbcore.selection import select_in_memory
 from pcbcore.stages import Block, Stats
 
@@ -126,18 +126,7 @@ def breadcrumbs_family_exact(consensus: bool):
         """mergekit's order: each δ_i through `mergekit_ops.magnitude_outliers` (its sort's choice among entries
         tied at either end of the window), then generalized task arithmetic (`breadcrumbs_ties`: with the sign
         consensus of Σ_i w_i·δ_i). None (the components form) for per-model λ_i."""
-        lambda_ = shared_lambda(model_params)
-        if lambda_ is None or inputs.base is None:
-            return None
-        return generalized_task_arithmetic(
-            inputs,
-            model_params,
-            normalize=params.normalize,
-            lambda_=lambda_,
-            sparsify=lambda delta, m, _: magnitude_outliers(delta, m.density, m.gamma, params.rescale),
-            consensus="sum" if consensus else None,
-            int8_mask=params.int8_mask,
-        )
+        return exact_task_arithmetic(inputs, params, model_params, lambda delta, m, _: magnitude_outliers(delta, m.density, m.gamma, params.rescale), consensus)
 
     return exact
 

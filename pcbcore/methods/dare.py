@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
-from pcbcore.methods.mergekit_ops import bernoulli, generalized_task_arithmetic
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, scale_rows_, weights_of
+from pcbcore.methods.mergekit_ops import bernoulli, exact_task_arithmetic
 from pcbcore.methods.task_arithmetic import task_arithmetic_scales
 from pcbcore.methods.ties import MajoritySign, disjoint_components, sign_majority_stage
 from pcbcore.stages import Block, Stage, Stats, row_spans
@@ -142,22 +142,13 @@ def dare_family_exact(consensus: bool):
         """mergekit's order: each δ_i through `mergekit_ops.bernoulli` (keep probability the density in the work
         dtype, L1 rescale when `rescale`), then generalized task arithmetic (`dare_ties`: with the sign consensus
         of Σ_i w_i·δ_i). None (the components form) for per-model λ_i or `zero_sign: majority`."""
-        lambda_ = shared_lambda(model_params)
-        if lambda_ is None or (consensus and params.zero_sign != "positive") or inputs.base is None:
+        if consensus and params.zero_sign != "positive":
             return None
 
         def sparsify(delta: torch.Tensor, m: SparseModelParams, index: int) -> torch.Tensor:
             return bernoulli(delta, m.density, params.rescale, whole_tensor_draw(params.seed, index, inputs.name, tuple(delta.shape)))
 
-        return generalized_task_arithmetic(
-            inputs,
-            model_params,
-            normalize=params.normalize,
-            lambda_=lambda_,
-            sparsify=sparsify,
-            consensus="sum" if consensus else None,
-            int8_mask=params.int8_mask,
-        )
+        return exact_task_arithmetic(inputs, params, model_params, sparsify, consensus)
 
     return exact
 

@@ -28,10 +28,10 @@ import torch
 from pydantic import Field
 
 from pcbcore.errors import MergeInputError
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, shared_lambda, weights_of
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, SparseModelParams, TensorInputs, weights_of
 from pcbcore.methods.breadcrumbs import rescale_l1, weighted_mean_components
 from pcbcore.methods.dare import uniform_draws, whole_tensor_draw
-from pcbcore.methods.mergekit_ops import della_magprune, generalized_task_arithmetic
+from pcbcore.methods.mergekit_ops import della_magprune, exact_task_arithmetic
 from pcbcore.stages import Block, Stage, Stats
 
 
@@ -94,8 +94,7 @@ def della_family_exact(consensus: bool):
         work dtype, L1 rescale when `rescale`), then generalized task arithmetic (`della`: with the sign
         consensus of Σ_i w_i·δ_i). None (the components form) for per-model λ_i, or a tensor with one entry
         along dim 1 (mergekit's rank normalisation divides 0 by 0 there)."""
-        lambda_ = shared_lambda(model_params)
-        if lambda_ is None or inputs.base is None:
+        if inputs.base is None:
             return None
         along = inputs.base.shape[1] if inputs.base.dim() > 1 else inputs.base.numel() if inputs.base.dim() == 1 else 0
         if along < 2 and any(m.density < 1.0 for m in model_params):
@@ -105,15 +104,7 @@ def della_family_exact(consensus: bool):
             draw = whole_tensor_draw(params.seed, index, inputs.name, tuple(delta.shape))
             return della_magprune(delta, m.density, m.epsilon, params.rescale, draw)
 
-        return generalized_task_arithmetic(
-            inputs,
-            model_params,
-            normalize=params.normalize,
-            lambda_=lambda_,
-            sparsify=sparsify,
-            consensus="sum" if consensus else None,
-            int8_mask=params.int8_mask,
-        )
+        return exact_task_arithmetic(inputs, params, model_params, sparsify, consensus)
 
     return exact
 

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from pcbcore import sort_order
-from pcbcore.methods.base import TensorInputs
+from pcbcore.methods.base import TensorInputs, shared_lambda
 from pcbcore.selection import select_in_memory
 
 # One model's task vector sparsified: (δ_i, that model's parameters, its index among the job's models — the
@@ -73,7 +73,6 @@ def generalized_task_arithmetic(
     lambda_: float,
     sparsify: Sparsify | None = None,
     consensus: Literal["sum", "count"] | None = None,
-    int8_mask: bool = False,
 ) -> torch.Tensor:
     """θ_pre + Δ in mergekit's op order (module docstring), in the working dtype."""
     base = inputs.base
@@ -86,24 +85,58 @@ def generalized_task_arithmetic(
             torch.sub(theta.reshape(-1), base.reshape(-1), out=deltas[k])
         else:
             deltas[k] = sparsify(theta - base, params, i).reshape(-1)
-    # The rest is elementwise, or a sum over the models of each entry: chunk by chunk, in cache.
-    flat_base, weights = base.reshape(-1), [params.weight for _, _, params in entries]
+    weights = [params.weight for _, _, params in entries]
+    return _mixed_in_chunks(base, lambda start, stop: deltas[:, start:stop], weights, normalize, lambda_, consensus)
+
+
+def exact_task_arithmetic(inputs: TensorInputs, params, model_params: list, sparsify: Sparsify, consensus: bool) -> torch.Tensor | None:
+    """A sparsifying method's `exact` (DARE, DELLA, breadcrumbs, TIES with rescale): `generalized_task_arithmetic`
+    with the method's `normalize` and, for its TIES-style variant, the 'sum' consensus. None (the components
+    form) for per-model λ_i or without a base."""
+    lambda_ = shared_lambda(model_params)
+    if lambda_ is None or inputs.base is None:
+        return None
+    return generalized_task_arithmetic(
+        inputs, model_params, normalize=params.normalize, lambda_=lambda_, sparsify=sparsify, consensus="sum" if consensus else None
+    )
+
+
+# Entries per chunk of the weighting, consensus and normalisation: their elementwise ops stay in the CPU's caches.
+CHUNK = 1 << 18
+
+
+def _mixed_in_chunks(
+    base: torch.Tensor,
+    deltas_of: Callable[[int, int], torch.Tensor],
+    weights: list[float],
+    normalize: bool,
+    lambda_: float,
+    consensus: Literal["sum", "count"] | None,
+) -> torch.Tensor:
+    """θ_pre + Δ, CHUNK entries at a time (every op after the sparsify is elementwise or a sum over the
+    models of each entry): `deltas_of(start, stop)` gives the sparsified task vectors' columns (n, stop −
+    start), which `_mix` overwrites."""
+    flat_base = base.reshape(-1)
+    weight = torch.tensor(weights, dtype=base.dtype, device=base.device).unsqueeze(-1)  # (n, 1)
+    unit = bool((weight == 1).all())
     out = torch.empty_like(flat_base)
     for start in range(0, flat_base.numel(), CHUNK):
         stop = min(start + CHUNK, flat_base.numel())
-        out[start:stop] = _mix(flat_base[start:stop], deltas[:, start:stop], weights, normalize, lambda_, consensus)
+        out[start:stop] = _mix(flat_base[start:stop], deltas_of(start, stop), weight, unit, normalize, lambda_, consensus)
     return out.reshape(base.shape)
 
 
 def _mix(
-    base: torch.Tensor, deltas: torch.Tensor, weights: list[float], normalize: bool, lambda_: float, consensus: Literal["sum", "count"] | None
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    unit: bool,
+    normalize: bool,
+    lambda_: float,
+    consensus: Literal["sum", "count"] | None,
 ) -> torch.Tensor:
-    """θ_pre + Δ from the sparsified task vectors `deltas` (n, *shape), which it overwrites: mergekit's
-    weighting, consensus, normalisation and λ, in the working dtype."""
-    weights = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
-    unit = bool((weights == 1).all())
+    """θ_pre + Δ from the sparsified task vectors `deltas` (n, m), which it overwrites: mergekit's weighting
+    (`weights` (n, 1) in the working dtype, all 1 when `unit`), consensus, normalisation and λ."""
     if not unit:  # δ·1 is δ to the bit: skipped
         deltas.mul_(weights)
     if consensus is not None:
@@ -128,10 +161,6 @@ def _mix(
     return (base + mixed).to(base.dtype)
 
 
-# Entries per chunk of `masked_task_arithmetic`: its elementwise ops stay in the CPU's caches.
-CHUNK = 1 << 18
-
-
 def masked_task_arithmetic(
     inputs: TensorInputs,
     model_params: list,
@@ -142,28 +171,26 @@ def masked_task_arithmetic(
     consensus: Literal["sum", "count"] | None = None,
 ) -> torch.Tensor:
     """`generalized_task_arithmetic` with TIES's trim without rescale (`magnitude_masks`, δ_i·mask_i at the
-    model's density), to the same bits: each mask is chosen from the whole δ_i, then every later op —
-    elementwise, or a sum over the models of each entry — runs on chunks of CHUNK entries, which stay in
-    cache instead of allocating a whole tensor per op."""
+    model's density), to the same bits: each mask is chosen from the whole δ_i, then the task vectors are
+    made chunk by chunk too, in one reused buffer, instead of whole."""
     base = inputs.base
     entries = [(theta, params, density) for theta, params, density, is_base in zip(inputs.models, model_params, densities, inputs.is_base) if not is_base]
     if not entries:
         return base
     masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries])
-    weights = [params.weight for _, params, _ in entries]
     flat_base = base.reshape(-1)
     thetas = [theta.reshape(-1) for theta, _, _ in entries]
-    out = torch.empty_like(flat_base)
     buffer = flat_base.new_empty((len(entries), min(CHUNK, flat_base.numel())))
-    for start in range(0, flat_base.numel(), CHUNK):
-        stop = min(start + CHUNK, flat_base.numel())
+
+    def deltas_of(start: int, stop: int) -> torch.Tensor:
         deltas = buffer[:, : stop - start]
         for k, (theta, mask) in enumerate(zip(thetas, masks)):
             torch.sub(theta[start:stop], flat_base[start:stop], out=deltas[k])
             if mask is not None:
                 deltas[k].mul_(mask[start:stop])  # δ·True is δ, δ·False ±0: mergekit's δ·mask
-        out[start:stop] = _mix(flat_base[start:stop], deltas, weights, normalize, lambda_, consensus)
-    return out.reshape(base.shape)
+        return deltas
+
+    return _mixed_in_chunks(base, deltas_of, [params.weight for _, params, _ in entries], normalize, lambda_, consensus)
 
 
 def weighted_average(inputs: TensorInputs, weights: list[float], normalize: bool = True) -> torch.Tensor:
@@ -288,8 +315,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    mask = sort_range_mask(sort_keys(delta), 0, k, descending=True)  # bool: δ·mask is δ·1.0 or δ·0.0, as mergekit's
+    (mask,) = magnitude_masks([delta], [density])  # bool: δ·mask is δ·1.0 or δ·0.0, as mergekit's
     return rescaled_masked(delta, mask.reshape_as(delta), rescale)
 
 

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from pcbcore.kernels import count_rows, sign_balance, sum_rows, zero_past_first_
 from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
-from pcbcore.methods.mergekit_ops import generalized_task_arithmetic, magnitude, masked_task_arithmetic
+from pcbcore.methods.mergekit_ops import exact_task_arithmetic, magnitude, masked_task_arithmetic
 from pcbcore.selection import KthSmallest, OrderStatistic
 from pcbcore.stages import Block, ReduceFn, Stage, Stats
 
@@ -213,15 +213,7 @@ def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> 
         return None
     if not params.rescale:  # a trim that only masks: the same bits, chunk by chunk after the masks
         return masked_task_arithmetic(inputs, model_params, [m.density for m in model_params], normalize=params.normalize, lambda_=lambda_, consensus="sum")
-    return generalized_task_arithmetic(
-        inputs,
-        model_params,
-        normalize=params.normalize,
-        lambda_=lambda_,
-        sparsify=lambda delta, m, _: magnitude(delta, m.density, params.rescale),
-        consensus="sum",
-        int8_mask=params.int8_mask,
-    )
+    return exact_task_arithmetic(inputs, params, model_params, lambda delta, m, _: magnitude(delta, m.density, params.rescale), consensus=True)
 
 
 # The trim is an order statistic over each whole tensor: `exact` sees it whole.

@@ -14,10 +14,12 @@ import math
 import pytest
 import torch
 
+from pcbcore import executor
 from pcbcore.config import parse_merge_config
+from pcbcore.errors import MergeInputError
 from pcbcore.executor import merge_state_dicts
-from pcbcore.methods import METHODS
-from pcbcore.methods.base import TensorInputs
+from pcbcore.methods import METHODS, mergekit_ops
+from pcbcore.methods.base import Pending, TensorInputs
 from pcbcore.methods.dare import uniform_draws
 from pcbcore.methods.mergekit_ops import sort_range_mask
 from pcbcore.stages import Block
@@ -151,6 +153,52 @@ def test_ties_on_a_large_tensor_with_a_sort_past_insertion_sort(dtype):
     deltas = [mergekit_magnitude(m - base, p["density"]) for m, p in zip(models, per)]
     expected = mergekit_merge(base, deltas, [1.0, 1.0], consensus=True, normalize=False, lambda_=1.0)
     assert torch.equal(merged("ties", base, models, per, normalize=False), expected)
+
+
+def ties_config(n_models: int, per: dict):
+    entries = [{"model": f"m{i}", "parameters": per} for i in range(n_models)]
+    return parse_merge_config({"merge_method": "ties", "base_model": "base", "models": entries})
+
+
+class CountedPending(Pending):
+    made = 0
+
+    def __init__(self, finish):
+        super().__init__(finish)
+        CountedPending.made += 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_overlapped_across_tensors_is_each_tensors_mergekit_merge(dtype, monkeypatch):
+    # Two sort threads even on a one-core machine, so each tensor's masks are still being found while the next
+    # tensor is read (`Pending`); "b" is above the overlap limit, so it merges on its own between the others.
+    monkeypatch.setattr(mergekit_ops, "_cores", lambda: 2)
+    monkeypatch.setattr(mergekit_ops, "Pending", CountedPending)
+    monkeypatch.setattr(executor, "OVERLAP_LIMIT", 900)
+    shapes = {"a": (8, 12), "b": (40, 30), "c": (16, 16), "d": (5, 7), "e": (30, 20)}
+    zoos = {name: zoo(dtype, shape=shape, seed=i) for i, (name, shape) in enumerate(shapes.items())}
+    per = {"weight": 1.0, "density": 0.3}
+    threads, made = torch.get_num_threads(), CountedPending.made
+    out = merge_state_dicts(
+        ties_config(3, per), {name: z[0] for name, z in zoos.items()}, [{name: z[1][i] for name, z in zoos.items()} for i in range(3)], device="cpu"
+    )
+    assert CountedPending.made - made == len(shapes)  # every tensor's masks in the sort threads
+    assert torch.get_num_threads() == threads  # torch's thread count is restored after the overlap
+    for name, (base, models) in zoos.items():
+        deltas = [mergekit_magnitude(m - base, per["density"]) for m in models]
+        assert torch.equal(out[name], mergekit_merge(base, deltas, [1.0] * 3, consensus=True, normalize=True, lambda_=1.0)), name
+
+
+def test_an_overflow_in_an_overlapped_tensor_names_that_tensor(monkeypatch):
+    monkeypatch.setattr(mergekit_ops, "_cores", lambda: 2)
+    big = torch.finfo(torch.float32).max
+    base = {"a": torch.zeros(6, 6), "b": torch.full((6, 6), -big), "c": torch.zeros(6, 6)}
+    gen = torch.Generator().manual_seed(3)
+    models = [{"a": torch.randn(6, 6, generator=gen), "b": torch.full((6, 6), big), "c": torch.randn(6, 6, generator=gen)} for _ in range(2)]
+    threads = torch.get_num_threads()
+    with pytest.raises(MergeInputError, match="tensor 'b' of model 'm0' differs from the base by more than float32 can hold"):
+        merge_state_dicts(ties_config(2, {"density": 0.5}), base, models, device="cpu")
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.37, 0.5, 0.999])

@@ -64,11 +64,20 @@ class TensorInputs:
     dtype: torch.dtype  # the working dtype: the config's `dtype`, else the inputs' promoted dtype (mergekit's rule)
 
 
+@dataclass
+class Pending:
+    """An `exact` result whose slow part runs in background threads (TIES's sort simulations): `finish()`
+    waits for them and returns the merged tensor. The executor starts the next tensor before finishing
+    this one, so the threads work while the tensors around it are read, mixed and written."""
+
+    finish: Callable[[], torch.Tensor]
+
+
 # mergekit's own sequence of operations for one tensor, in its working dtype, so that a mergekit config gives
 # mergekit's model to the bit (the components form rounds once, in float32, which differs by ulps). Returns
-# the merged tensor (in the dtype mergekit returns it in), or None where the parameters are pcbmerge's own
-# (the components form then merges this tensor).
-ExactFn = Callable[[TensorInputs, FrozenModel, list], "torch.Tensor | None"]
+# the merged tensor (in the dtype mergekit returns it in), a `Pending` one, or None where the parameters are
+# pcbmerge's own (the components form then merges this tensor).
+ExactFn = Callable[[TensorInputs, FrozenModel, list], "torch.Tensor | Pending | None"]
 StagesFn = Callable[[FrozenModel, list], list[Stage]]
 # For methods whose components are fixed multiples of the task vectors, C_i = s_i·τ_i: the s_i.
 ScalesFn = Callable[[FrozenModel, list], list[float]]

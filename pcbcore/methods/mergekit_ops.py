@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from pcbcore import sort_order
-from pcbcore.methods.base import TensorInputs, shared_lambda
+from pcbcore.methods.base import Pending, TensorInputs, shared_lambda
 from pcbcore.selection import select_in_memory
 
 # One model's task vector sparsified: (δ_i, that model's parameters, its index among the job's models — the
@@ -169,18 +169,36 @@ def masked_task_arithmetic(
     normalize: bool,
     lambda_: float,
     consensus: Literal["sum", "count"] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | Pending:
     """`generalized_task_arithmetic` with TIES's trim without rescale (`magnitude_masks`, δ_i·mask_i at the
     model's density), to the same bits: each mask is chosen from the whole δ_i, then the task vectors are
-    made chunk by chunk too, in one reused buffer, instead of whole."""
+    made chunk by chunk too, in one reused buffer, instead of whole. `Pending` while the masks are being
+    found in the sort threads."""
     base = inputs.base
     entries = [(theta, params, density) for theta, params, density, is_base in zip(inputs.models, model_params, densities, inputs.is_base) if not is_base]
     if not entries:
         return base
-    masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries])
-    flat_base = base.reshape(-1)
+    masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries], wait=False)
+    weights = [params.weight for _, params, _ in entries]
     thetas = [theta.reshape(-1) for theta, _, _ in entries]
-    buffer = flat_base.new_empty((len(entries), min(CHUNK, flat_base.numel())))
+    if any(isinstance(mask, Future) for mask in masks):
+        return Pending(lambda: _masked_mix(base, thetas, masks_of(masks), weights, normalize, lambda_, consensus))
+    return _masked_mix(base, thetas, masks, weights, normalize, lambda_, consensus)
+
+
+def _masked_mix(
+    base: torch.Tensor,
+    thetas: list[torch.Tensor],
+    masks: list[torch.Tensor | None],
+    weights: list[float],
+    normalize: bool,
+    lambda_: float,
+    consensus: Literal["sum", "count"] | None,
+) -> torch.Tensor:
+    """`masked_task_arithmetic` once its masks are found: the task vectors made chunk by chunk in one
+    reused buffer, each masked, then mixed."""
+    flat_base = base.reshape(-1)
+    buffer = flat_base.new_empty((len(thetas), min(CHUNK, flat_base.numel())))
 
     def deltas_of(start: int, stop: int) -> torch.Tensor:
         deltas = buffer[:, : stop - start]
@@ -190,7 +208,7 @@ def masked_task_arithmetic(
                 deltas[k].mul_(mask[start:stop])  # δ·True is δ, δ·False ±0: mergekit's δ·mask
         return deltas
 
-    return _mixed_in_chunks(base, deltas_of, [params.weight for _, params, _ in entries], normalize, lambda_, consensus)
+    return _mixed_in_chunks(base, deltas_of, weights, normalize, lambda_, consensus)
 
 
 def weighted_average(inputs: TensorInputs, weights: list[float], normalize: bool = True) -> torch.Tensor:
@@ -282,12 +300,13 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float]) -> list[torch.Tensor | None]:
+def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float], wait: bool = True) -> list:
     """The flat keep mask of mergekit's `magnitude` without rescale for each δ_i at its density (None:
     density 1 keeps every entry). On the CPU the sort simulations (`pcbcore.sort_order`: numpy, the GIL
     released in each op) run in parallel threads, one per core at most, each started as soon as its keys
     are made; the torch ops that make them run here, so no two threads share torch's thread pool. (`deltas`
-    may be a generator: each δ_i is dropped once its keys are made.)"""
+    may be a generator: each δ_i is dropped once its keys are made.) With `wait=False` the masks still
+    being found are returned as futures (`masks_of` waits for them)."""
     global _sort_pool
     parallel = len(densities) > 1 and _cores() > 1
     if parallel and _sort_pool is None:
@@ -305,6 +324,11 @@ def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float]) -> l
             masks[i] = _sort_pool.submit(sort_range_mask, keys, 0, k, True)
         else:
             masks[i] = sort_range_mask(keys, 0, k, descending=True)
+    return masks_of(masks) if wait else masks
+
+
+def masks_of(masks: list) -> list[torch.Tensor | None]:
+    """`magnitude_masks(..., wait=False)`'s masks, each future waited for."""
     return [mask.result() if isinstance(mask, Future) else mask for mask in masks]
 
 

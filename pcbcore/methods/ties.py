@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from pcbcore.kernels import count_rows, sign_balance, sum_rows, zero_past_first_
-from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
+from pcbcore.methods.base import MergekitMemoryOption, MergeMethod, Pending, Scope, SparseModelParams, TensorInputs, scale_rows_, shared_lambda, weights_of
 from pcbcore.methods.mergekit_ops import exact_task_arithmetic, magnitude, masked_task_arithmetic
 from pcbcore.selection import KthSmallest, OrderStatistic
 from pcbcore.stages import Block, ReduceFn, Stage, Stats
@@ -204,7 +204,7 @@ def ties_components(task_vectors: torch.Tensor, stats: Stats, params: TiesParams
     return disjoint_components(scale_rows_(trim_topk(task_vectors, stats, block, model_params), weights), weights, majority, params.normalize)
 
 
-def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> torch.Tensor | None:
+def ties_exact(inputs: TensorInputs, params: TiesParams, model_params: list) -> torch.Tensor | Pending | None:
     """mergekit's order: each δ_i trimmed by `mergekit_ops.magnitude` (its argsort's choice among entries tied
     at the cut), then generalized task arithmetic with the sign consensus of Σ_i w_i·δ_i. None (the components
     form) for pcbmerge's own keys: per-model λ_i or `zero_sign: majority`."""

@@ -338,9 +338,10 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
 
     A `Pending` result (TIES's sort simulations in their threads) is finished only after the next tensor is
     read and started, so those threads work while the main thread reads, mixes and writes. From the first
-    one on, torch's own ops run on one thread: two OpenMP threads on cores the sort threads also use stall
-    at every barrier. (477M TIES in-process, medians of five interleaved runs: 13.0 s before, 11.4 s
-    overlapped with one torch thread, 14.1 s overlapped with two, 12.8 s one thread without the overlap.)
+    one on, torch's own ops keep off the cores the sort threads of two tensors in flight take (at least one
+    thread left): OpenMP threads on cores the sort threads also use stall at every barrier. (477M TIES
+    in-process on two cores, medians of five interleaved runs: 13.0 s before, 11.4 s overlapped with one
+    torch thread, 14.1 s overlapped with two, 12.8 s one torch thread without the overlap.)
     An error in the next tensor waits for the pending one's own, so the first tensor in order reports."""
     method, merged = config.method, loader.inputs.merged
     pending: tuple[int, TensorInfo, TensorInputs, Pending] | None = None
@@ -376,7 +377,7 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
             if isinstance(result, Pending) and len(spans) == 1 and info.numel <= OVERLAP_LIMIT:
                 if torch_threads is None:
                     torch_threads = torch.get_num_threads()
-                    torch.set_num_threads(1)
+                    torch.set_num_threads(max(1, torch_threads - 2 * result.threads))
                 if pending is not None:
                     yield from finished(*pending)
                 pending = (k, info, inputs, result)

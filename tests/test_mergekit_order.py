@@ -163,8 +163,8 @@ def ties_config(n_models: int, per: dict):
 class CountedPending(Pending):
     made = 0
 
-    def __init__(self, finish):
-        super().__init__(finish)
+    def __init__(self, finish, threads):
+        super().__init__(finish, threads)
         CountedPending.made += 1
 
 

@@ -71,6 +71,7 @@ class Pending:
     this one, so the threads work while the tensors around it are read, mixed and written."""
 
     finish: Callable[[], torch.Tensor]
+    threads: int  # the background threads its work keeps busy at most
 
 
 # mergekit's own sequence of operations for one tensor, in its working dtype, so that a mergekit config gives

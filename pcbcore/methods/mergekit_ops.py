@@ -181,8 +181,8 @@ def masked_task_arithmetic(
     masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries], wait=False)
     weights = [params.weight for _, params, _ in entries]
     thetas = [theta.reshape(-1) for theta, _, _ in entries]
-    if any(isinstance(mask, Future) for mask in masks):
-        return Pending(lambda: _masked_mix(base, thetas, masks_of(masks), weights, normalize, lambda_, consensus))
+    if busy := sum(isinstance(mask, Future) for mask in masks):
+        return Pending(lambda: _masked_mix(base, thetas, masks_of(masks), weights, normalize, lambda_, consensus), min(busy, _cores()))
     return _masked_mix(base, thetas, masks, weights, normalize, lambda_, consensus)
 
 

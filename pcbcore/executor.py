@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -331,6 +332,39 @@ def merged_blocks(
 OVERLAP_LIMIT = 1 << 24
 
 
+class TorchThreads:
+    """torch's intra-op thread count lowered while overlapped merges run, shared by merges in threads of one
+    process (the pipeline's task runner): the first to lower it keeps the count it found, each lowers it to
+    what it leaves torch at most, and the last to finish restores the count the first found."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _found = 0
+
+    def __init__(self) -> None:
+        self.entered = False
+
+    def lower(self, busy: int) -> None:
+        """Leave torch the threads that `busy` background threads do not take (at least one), once."""
+        if self.entered:
+            return
+        with TorchThreads._lock:
+            if TorchThreads._users == 0:
+                TorchThreads._found = torch.get_num_threads()
+            TorchThreads._users += 1
+            self.entered = True
+            torch.set_num_threads(min(torch.get_num_threads(), max(1, TorchThreads._found - busy)))
+
+    def restore(self) -> None:
+        if not self.entered:
+            return
+        with TorchThreads._lock:
+            TorchThreads._users -= 1
+            self.entered = False
+            if TorchThreads._users == 0:
+                torch.set_num_threads(TorchThreads._found)
+
+
 def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress | None = None):
     """`merged_blocks` in mergekit's op order (`MergeMethod.exact`): each tensor whole, in the working dtype.
     A tensor whose parameters are pcbmerge's own (per-model λ_i, or a key mergekit lacks: the method's `exact`
@@ -345,7 +379,7 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
     An error in the next tensor waits for the pending one's own, so the first tensor in order reports."""
     method, merged = config.method, loader.inputs.merged
     pending: tuple[int, TensorInfo, TensorInputs, Pending] | None = None
-    torch_threads = None
+    torch_threads = TorchThreads()
 
     def checked(info: TensorInfo, inputs: TensorInputs, result: Pending) -> torch.Tensor:
         merged_tensor = result.finish()
@@ -375,9 +409,7 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
                     checked(*pending[1:])
                 raise
             if isinstance(result, Pending) and len(spans) == 1 and info.numel <= OVERLAP_LIMIT:
-                if torch_threads is None:
-                    torch_threads = torch.get_num_threads()
-                    torch.set_num_threads(max(1, torch_threads - 2 * result.threads))
+                torch_threads.lower(2 * result.threads)  # this tensor's sort threads and the next one's
                 if pending is not None:
                     yield from finished(*pending)
                 pending = (k, info, inputs, result)
@@ -405,8 +437,7 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
         if pending is not None:
             yield from finished(*pending)
     finally:
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
+        torch_threads.restore()
 
 
 def _check_exact(result: torch.Tensor, inputs: TensorInputs, job, method: str) -> None:

@@ -189,6 +189,25 @@ def test_ties_overlapped_across_tensors_is_each_tensors_mergekit_merge(dtype, mo
         assert torch.equal(out[name], mergekit_merge(base, deltas, [1.0] * 3, consensus=True, normalize=True, lambda_=1.0)), name
 
 
+def test_merges_overlapped_in_threads_of_one_process_restore_torchs_thread_count_when_the_last_ends():
+    found = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        first, second = executor.TorchThreads(), executor.TorchThreads()
+        first.lower(2)
+        assert torch.get_num_threads() == 2
+        second.lower(6)  # at least one thread stays
+        assert torch.get_num_threads() == 1
+        first.restore()  # the first to start ends first: the second still runs with its count
+        assert torch.get_num_threads() == 1
+        second.restore()
+        assert torch.get_num_threads() == 4  # what the first found, not what the second found
+        second.restore()  # a second restore (or one never lowered) changes nothing
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(found)
+
+
 def test_an_overflow_in_an_overlapped_tensor_names_that_tensor(monkeypatch):
     monkeypatch.setattr(mergekit_ops, "_cores", lambda: 2)
     big = torch.finfo(torch.float32).max

@@ -381,22 +381,29 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
     pending: tuple[int, TensorInfo, TensorInputs, Pending] | None = None
     torch_threads = TorchThreads()
 
-    def checked(info: TensorInfo, inputs: TensorInputs, result: Pending) -> torch.Tensor:
-        merged_tensor = result.finish()
-        _check_exact(merged_tensor, inputs, loader.inputs.jobs[info.name], config.method_name)
-        return merged_tensor
+    def checked(info: TensorInfo, inputs: TensorInputs, result: torch.Tensor | Pending) -> torch.Tensor:
+        if isinstance(result, Pending):
+            result = result.finish()
+        _check_exact(result, inputs, loader.inputs.jobs[info.name], config.method_name)
+        return result.reshape(-1)
 
-    def finished(k: int, info: TensorInfo, inputs: TensorInputs, result: Pending):
-        yield info, None, checked(info, inputs, result).reshape(-1)
+    def done(k: int) -> None:
         bound_resident_memory()
         if progress:
             progress("merge", k + 1, len(merged))
 
+    def flush():
+        """Finish and yield the pending tensor, if any."""
+        nonlocal pending
+        if pending is not None:
+            (k, info, inputs, result), pending = pending, None
+            yield info, None, checked(info, inputs, result)
+            done(k)
+
     try:
         for k, info in enumerate(merged):
             if pending is not None and pending[1].numel + info.numel > OVERLAP_LIMIT:
-                yield from finished(*pending)
-                pending = None
+                yield from flush()
             # An elementwise op order gives the same entries block by block: memory stays one block per model.
             spans = [block.rows for block in blocks_of(info)] if method.exact_blocks else [None]
             try:
@@ -410,32 +417,23 @@ def _exact_merged(config: MergeConfig, loader: BlockLoader, progress: Progress |
                 raise
             if isinstance(result, Pending) and len(spans) == 1 and info.numel <= OVERLAP_LIMIT:
                 torch_threads.lower(2 * result.threads)  # this tensor's sort threads and the next one's
-                if pending is not None:
-                    yield from finished(*pending)
+                yield from flush()
                 pending = (k, info, inputs, result)
                 continue
-            if pending is not None:
-                yield from finished(*pending)
-                pending = None
+            yield from flush()
             if result is not None:
                 for span, rows in enumerate(spans):
                     if span:
                         inputs = loader.load_whole(info, rows)
                         result = method.exact(inputs, params, model_params)
-                    if isinstance(result, Pending):
-                        result = result.finish()
-                    _check_exact(result, inputs, loader.inputs.jobs[info.name], config.method_name)
-                    yield info, rows, result.reshape(-1)
+                    yield info, rows, checked(info, inputs, result)
             else:
                 rounding = config.round_dtype
                 for block, base, components in _tensor_components(config, loader, info):
                     block_merged = combine(base, components, lambdas_of(model_params))
                     yield info, block.rows, block_merged if rounding is None else block_merged.to(rounding)
-            bound_resident_memory()
-            if progress:
-                progress("merge", k + 1, len(merged))
-        if pending is not None:
-            yield from finished(*pending)
+            done(k)
+        yield from flush()
     finally:
         torch_threads.restore()
 

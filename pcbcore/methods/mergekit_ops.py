@@ -178,7 +178,7 @@ def masked_task_arithmetic(
     entries = [(theta, params, density) for theta, params, density, is_base in zip(inputs.models, model_params, densities, inputs.is_base) if not is_base]
     if not entries:
         return base
-    masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries], wait=False)
+    masks = magnitude_masks((theta - base for theta, _, _ in entries), [density for _, _, density in entries])
     weights = [params.weight for _, params, _ in entries]
     thetas = [theta.reshape(-1) for theta, _, _ in entries]
     if busy := sum(isinstance(mask, Future) for mask in masks):
@@ -300,13 +300,13 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float], wait: bool = True) -> list:
+def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float]) -> list:
     """The flat keep mask of mergekit's `magnitude` without rescale for each δ_i at its density (None:
     density 1 keeps every entry). On the CPU the sort simulations (`pcbcore.sort_order`: numpy, the GIL
     released in each op) run in parallel threads, one per core at most, each started as soon as its keys
     are made; the torch ops that make them run here, so no two threads share torch's thread pool. (`deltas`
-    may be a generator: each δ_i is dropped once its keys are made.) With `wait=False` the masks still
-    being found are returned as futures (`masks_of` waits for them)."""
+    may be a generator: each δ_i is dropped once its keys are made.) The masks still being found in those
+    threads are futures: `masks_of` waits for them."""
     global _sort_pool
     parallel = len(densities) > 1 and _cores() > 1
     if parallel and _sort_pool is None:
@@ -324,11 +324,11 @@ def magnitude_masks(deltas: Iterable[torch.Tensor], densities: list[float], wait
             masks[i] = _sort_pool.submit(sort_range_mask, keys, 0, k, True)
         else:
             masks[i] = sort_range_mask(keys, 0, k, descending=True)
-    return masks_of(masks) if wait else masks
+    return masks
 
 
 def masks_of(masks: list) -> list[torch.Tensor | None]:
-    """`magnitude_masks(..., wait=False)`'s masks, each future waited for."""
+    """`magnitude_masks`' masks, each future waited for."""
     return [mask.result() if isinstance(mask, Future) else mask for mask in masks]
 
 
@@ -339,7 +339,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    (mask,) = magnitude_masks([delta], [density])  # bool: δ·mask is δ·1.0 or δ·0.0, as mergekit's
+    (mask,) = masks_of(magnitude_masks([delta], [density]))  # bool: δ·mask is δ·1.0 or δ·0.0, as mergekit's
     return rescaled_masked(delta, mask.reshape_as(delta), rescale)
 
 
